@@ -1,0 +1,163 @@
+"""``nddrify.fuse``: trace → plan → rewrite in one call.
+
+Example:
+    >>> import torch, torchvision, nddrify
+    >>> seg, normal = torchvision.models.vgg16(), torchvision.models.vgg16()
+    >>> fused = nddrify.fuse(models=[seg, normal], points="auto")
+    >>> seg_out, normal_out = fused(torch.randn(1, 3, 224, 224))
+    >>> seg_out.shape
+    torch.Size([1, 1000])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import FusionConfigError
+from .layers import NDDR, Activation, Init, Norm, ResizeMode, Shortcut
+from .planning import Plan, Points, build_plan, trace_all
+from .rewriting import rewrite
+
+__all__ = ["fuse"]
+
+_UNSET: Any = object()
+
+
+def _fusion_factory(
+    fusion: NDDR | None, init: Init, norm: Norm, activation: Activation, resize: Any
+) -> NDDR:
+    resize_mode: ResizeMode | None
+    if resize is True:
+        resize_mode = "align_corners_false"
+    elif resize in (False, None):
+        resize_mode = None
+    else:
+        resize_mode = resize
+    if fusion is not None:
+        given = [
+            n
+            for n, v in (("init", init), ("norm", norm), ("activation", activation))
+            if v is not _UNSET
+        ]
+        if given:
+            raise FusionConfigError(
+                f"pass either fusion=... or the NDDR options {given}, not both; e.g. "
+                "fusion=nddrify.NDDR(init=(1.0, 0.0), norm=None)."
+            )
+        return fusion
+    return NDDR(
+        init=None if init is _UNSET else init,
+        norm="batchnorm" if norm is _UNSET else norm,
+        activation="auto" if activation is _UNSET else activation,
+        resize=resize_mode,
+    )
+
+
+def _shortcut_factory(shortcut: bool | Shortcut | None) -> Shortcut | None:
+    if shortcut is True:
+        return Shortcut()
+    if shortcut in (False, None):
+        return None
+    if isinstance(shortcut, Shortcut):
+        return shortcut
+    raise FusionConfigError(
+        f"shortcut={shortcut!r} is not valid; use True, False, or nddrify.Shortcut(resize_mode=...)."
+    )
+
+
+def _placement(models: Sequence[nn.Module]) -> dict[str, Any]:
+    for model in models:
+        for tensor in (*model.parameters(), *model.buffers()):
+            if tensor.is_floating_point():
+                return {"device": tensor.device, "dtype": tensor.dtype}
+    return {}
+
+
+def fuse(
+    models: Sequence[nn.Module] | Mapping[str, nn.Module],
+    points: Points = "auto",
+    *,
+    init: Init = _UNSET,
+    norm: Norm = _UNSET,
+    activation: Activation = _UNSET,
+    fusion: NDDR | None = None,
+    shortcut: bool | Shortcut = False,
+    resize: bool | ResizeMode = False,
+    example_input: torch.Tensor | None = None,
+    leaf_modules: Iterable[type] = (),
+    autowrap_functions: Iterable[Callable] = (),
+    concrete_args: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+) -> fx.GraphModule:
+    """Fuse K single-task models into one multi-task GraphModule with NDDR layers.
+
+    The models are traced (never modified), fusion points are chosen (see :func:`nddrify.plan`),
+    and one GraphModule is emitted that takes one image batch and returns every task's output:
+    a tuple in task order, or a dict when ``models`` is a dict. The fused model owns copies of the
+    models' weights (``fused.<task>.<original key>``); :func:`nddrify.task_state_dict` gives
+    them back under the original key names.
+
+    Args:
+        models: two or more ``nn.Module`` (a list, or a dict task name → model).
+        points: ``"auto"``, an int N, module/node names, or one list of names per task.
+        init: NDDR diagonal init ``(alpha, beta)``, ``"xavier"``; default (0.9, 0.1) for two
+            tasks and rows summing to one for more.
+        norm: ``"batchnorm"`` (default: eps 1e-3, momentum 0.05), ``None`` or ``channels -> module``.
+        activation: ``"auto"`` (default: ReLU only where the fused feature was non-negative, so a
+            pre-activation feature is never clipped), ``"relu"`` (the official code), ``None``, or
+            a callable returning a module.
+        fusion: a fusion layer factory instead of init/norm/activation, e.g. ``nddrify.NDDR(...)``.
+        shortcut: add the NDDR-Shortcut (``True`` or ``nddrify.Shortcut(resize_mode=...)``).
+        resize: allow points with different H×W across tasks (``True`` or a resize mode).
+        example_input: input used to propagate shapes (default 1×3×224×224).
+        leaf_modules, autowrap_functions, concrete_args: tracing options.
+
+    Returns:
+        A ``torch.fx.GraphModule``; ``fused.meta["nddrify_plan"]`` holds its :class:`~nddrify.Plan`.
+
+    Example:
+        >>> import torch, torchvision, nddrify
+        >>> a, b = torchvision.models.resnet18().eval(), torchvision.models.resnet18().eval()
+        >>> fused = nddrify.fuse({"a": a, "b": b}, init=(1.0, 0.0), norm=None, activation=None)
+        >>> x = torch.randn(2, 3, 64, 64)
+        >>> out = fused(x)
+        >>> bool((out["a"] - a(x)).abs().max() < 1e-5)
+        True
+    """
+    factory = _fusion_factory(fusion, init, norm, activation, resize)
+    shortcut_factory = _shortcut_factory(shortcut)
+    traced, as_dict = trace_all(
+        models,
+        example_input=example_input,
+        leaf_modules=leaf_modules,
+        autowrap_functions=autowrap_functions,
+        concrete_args=concrete_args,
+    )
+    modules = list(models.values()) if isinstance(models, Mapping) else list(models)
+    fusion_plan: Plan = build_plan(
+        traced,
+        points,
+        fusion=factory,
+        shortcut=shortcut_factory,
+        resize=factory.resize is not None,
+        model_params=[sum(p.numel() for p in m.parameters()) for m in modules],
+    )
+    placement = _placement(modules)
+    layers = [
+        factory([p.shape for p in level.points], [p.nonnegative for p in level.points]).to(
+            **placement
+        )
+        for level in fusion_plan.levels
+    ]
+    shortcut_layer = None
+    if shortcut_factory is not None:
+        last = fusion_plan.levels[-1].points
+        shortcut_layer = shortcut_factory(
+            [[p.shape for p in level.points] for level in fusion_plan.levels],
+            [p.nonnegative for p in last],
+        ).to(**placement)
+    return rewrite(fusion_plan, layers, shortcut_layer, as_dict=as_dict)

@@ -1,0 +1,530 @@
+"""Facts about a traced graph that the planner reads: layouts, the spine, stage ends.
+
+Everything here is derived from the graph alone (node ops, module types, shapes from ShapeProp and
+torchvision-style node names); no model-specific metadata is consulted.
+
+* **Layout**: which 4-D values are N×C×H×W. Convolutions, norms and pools produce NCHW; constant
+  ``permute`` calls are followed exactly, so the NHWC maps inside ConvNeXt blocks or Swin stages are
+  recognised as such and never offered as fusion points.
+* **Spine**: the nodes every path from the input to the deepest feature map passes through
+  (dominators, via networkx). Skip connections that bypass later stages on their way to the output
+  do not remove a node from the spine.
+* **Stage ends**: where one stage of the backbone hands over to the next: before a block that
+  reduces the resolution, after a pooling op, and before a projection block that widens the network
+  without striding (dilated ResNets).
+
+Example:
+    >>> import torchvision, nddrify
+    >>> from nddrify.graph_analysis import stage_ends
+    >>> traced = nddrify.trace_model(torchvision.models.resnet18())
+    >>> [n.meta["qualname"] for n in stage_ends(traced.graph)]
+    ['maxpool', 'layer1.1.relu_1', 'layer2.1.relu_1', 'layer3.1.relu_1', 'layer4.1.relu_1']
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Sequence
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .tracing import QUALNAME
+
+__all__ = [
+    "LAYOUT",
+    "NONNEGATIVE",
+    "annotate",
+    "shape_of",
+    "is_feature_map",
+    "spine",
+    "stage_ends",
+    "stage_module",
+]
+
+#: ``node.meta`` key: ``True`` when the node's value is an N×C×H×W tensor.
+LAYOUT = "nddrify_nchw"
+#: ``node.meta`` key: ``True`` when the node's value is known to be ≥ 0 (after a ReLU, say).
+NONNEGATIVE = "nddrify_nonnegative"
+
+_NCHW = (0, 1, 2, 3)
+
+_NCHW_MODULES: tuple[type, ...] = (
+    nn.Conv2d,
+    nn.ConvTranspose2d,
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm2d,
+    nn.LocalResponseNorm,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.LPPool2d,
+    nn.Upsample,
+    nn.UpsamplingBilinear2d,
+    nn.UpsamplingNearest2d,
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
+)
+_NCHW_FUNCTIONS = {
+    F.conv2d,
+    torch.conv2d,
+    F.conv_transpose2d,
+    F.batch_norm,
+    F.group_norm,
+    F.instance_norm,
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+    F.interpolate,
+    F.pixel_shuffle,
+    F.pixel_unshuffle,
+}
+_POOL_MODULES: tuple[type, ...] = (
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.LPPool2d,
+)
+_POOL_FUNCTIONS = {
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+}
+_NONNEG_MODULES: tuple[type, ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Sigmoid,
+    nn.Softmax,
+    nn.Softplus,
+)
+_NONNEG_FUNCTIONS = {F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.softmax, F.softplus}
+_NONNEG_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "softmax", "abs"}
+# Ops that keep non-negativity of their (first) input.
+_KEEPS_SIGN_MODULES: tuple[type, ...] = (
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Identity,
+    nn.Upsample,
+)
+_KEEPS_SIGN_FUNCTIONS = {
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+    F.dropout,
+    F.interpolate,
+    torch.flatten,
+}
+_IDENTITY_MODULES: tuple[type, ...] = (
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.AlphaDropout,
+)
+
+
+def shape_of(node: fx.Node) -> tuple[int, ...] | None:
+    """The shape ShapeProp recorded for ``node``, or None when its value is not a tensor."""
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return tuple(int(s) for s in shape) if shape is not None else None
+
+
+def _module(node: fx.Node) -> nn.Module | None:
+    if node.op != "call_module":
+        return None
+    root = node.graph.owning_module
+    return root.get_submodule(node.target) if root is not None else None
+
+
+def _is_op(node: fx.Node, modules: tuple[type, ...], functions: set) -> bool:
+    if node.op == "call_module":
+        return isinstance(_module(node), modules)
+    return node.op == "call_function" and node.target in functions
+
+
+def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    return [n for n in node.all_input_nodes if shape_of(n) is not None]
+
+
+def _permutation(node: fx.Node) -> tuple[int, ...] | None:
+    """Constant dims of a ``permute`` call, else None."""
+    if node.op == "call_method" and node.target == "permute":
+        dims = node.args[1:]
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = tuple(dims[0])
+    elif node.op == "call_function" and node.target is torch.permute:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dims")
+    else:
+        return None
+    if dims is not None and all(isinstance(d, int) for d in dims):
+        return tuple(d % 4 for d in dims)
+    return None
+
+
+def _layout(node: fx.Node, layouts: dict[fx.Node, tuple[int, ...] | None]):
+    shape = shape_of(node)
+    if shape is None or len(shape) != 4:
+        return None
+    if node.op == "placeholder":
+        return _NCHW
+    if _is_op(node, _NCHW_MODULES, _NCHW_FUNCTIONS):
+        return _NCHW
+    inputs = [n for n in _tensor_inputs(node) if len(shape_of(n)) == 4]
+    dims = _permutation(node)
+    if dims is not None:
+        source = layouts.get(inputs[0]) if inputs else None
+        return tuple(source[d] for d in dims) if source is not None else None
+    reshapes = {"view", "reshape", "flatten", "unflatten", "transpose", "swapaxes", "movedim"}
+    is_reshape = (node.op == "call_method" and node.target in reshapes) or (
+        node.op == "call_function"
+        and node.target in {torch.reshape, torch.flatten, torch.transpose, torch.movedim}
+    )
+    for source in inputs:
+        if shape_of(source) == shape and layouts.get(source) is not None:
+            return layouts[source]
+    if is_reshape:
+        return None
+    if node.op == "call_module":
+        dims = getattr(_module(node), "dims", None)  # torchvision.ops.Permute
+        if isinstance(dims, (list, tuple)) and len(dims) == 4 and inputs:
+            source = layouts.get(inputs[0])
+            return tuple(source[d] for d in dims) if source is not None else None
+    for source in inputs:
+        src = shape_of(source)
+        # A channel-mixing op keeps H×W; a spatial op keeps C. Anything else is unknown.
+        same_batch = layouts.get(source) == _NCHW and src[0] == shape[0]
+        if same_batch and (src[2:] == shape[2:] or src[1] == shape[1]):
+            return _NCHW
+    return None
+
+
+def _nonnegative(node: fx.Node, nonneg: dict[fx.Node, bool]) -> bool:
+    if node.op == "call_method" and node.target in _NONNEG_METHODS:
+        return True
+    if _is_op(node, _NONNEG_MODULES, _NONNEG_FUNCTIONS):
+        return True
+    keeps = _is_op(node, _KEEPS_SIGN_MODULES, _KEEPS_SIGN_FUNCTIONS) or (
+        node.op == "call_method" and node.target in {"contiguous", "flatten", "view", "reshape"}
+    )
+    if keeps and node.args and isinstance(node.args[0], fx.Node):
+        return nonneg.get(node.args[0], False)
+    if node.op == "call_function" and node.target is torch.cat:
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
+        return bool(tensors) and all(nonneg.get(t, False) for t in tensors)
+    return False
+
+
+def annotate(graph: fx.Graph) -> fx.Graph:
+    """Record ``meta[LAYOUT]`` and ``meta[NONNEGATIVE]`` on every node (idempotent)."""
+    layouts: dict[fx.Node, tuple[int, ...] | None] = {}
+    nonneg: dict[fx.Node, bool] = {}
+    for node in graph.nodes:
+        layouts[node] = _layout(node, layouts)
+        nonneg[node] = _nonnegative(node, nonneg)
+        node.meta[LAYOUT] = layouts[node] == _NCHW
+        node.meta[NONNEGATIVE] = nonneg[node]
+    return graph
+
+
+def is_feature_map(node: fx.Node) -> bool:
+    """True for N×C×H×W tensors with more than one spatial position."""
+    shape = shape_of(node)
+    return bool(node.meta.get(LAYOUT)) and shape is not None and shape[2] * shape[3] > 1
+
+
+def _image_input(graph: fx.Graph) -> fx.Node:
+    return next(n for n in graph.nodes if n.op == "placeholder")
+
+
+def _deepest_feature_map(graph: fx.Graph, reachable: set[fx.Node]) -> fx.Node | None:
+    best, best_area = None, None
+    for node in graph.nodes:
+        if node in reachable and node.op != "placeholder" and is_feature_map(node):
+            shape = shape_of(node)
+            area = shape[2] * shape[3]
+            if best_area is None or area <= best_area:
+                best, best_area = node, area
+    return best
+
+
+def _digraph(graph: fx.Graph) -> nx.DiGraph:
+    dg = nx.DiGraph()
+    for node in graph.nodes:
+        dg.add_node(node)
+        for user in node.users:
+            dg.add_edge(node, user)
+    return dg
+
+
+def spine(graph: fx.Graph) -> list[fx.Node]:
+    """Feature-map nodes every path from the input to the deepest feature map passes through.
+
+    Returned in execution order, ending with the deepest feature map itself (the last node at the
+    lowest resolution the input reaches). Empty when the graph has no NCHW feature maps.
+    """
+    annotate(graph)
+    source = _image_input(graph)
+    dg = _digraph(graph)
+    reachable = nx.descendants(dg, source)
+    target = _deepest_feature_map(graph, reachable)
+    if target is None:
+        return []
+    idom = nx.immediate_dominators(dg, source)
+    chain = [target]
+    while chain[-1] is not source:
+        chain.append(idom[chain[-1]])
+    return [n for n in reversed(chain) if n is not source and is_feature_map(n)]
+
+
+def _has_parameters(node: fx.Node) -> bool:
+    if node.op == "get_attr":
+        return True
+    module = _module(node)
+    return module is not None and any(True for _ in module.parameters())
+
+
+def _is_noop(node: fx.Node) -> bool:
+    """Ops that return their input unchanged (identity, dropout at eval, same-size adaptive pool)."""
+    module = _module(node)
+    if isinstance(module, _IDENTITY_MODULES):
+        return True
+    if _is_op(node, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d), set()) or (
+        node.op == "call_method" and node.target in {"contiguous", "clone"}
+    ):
+        inputs = _tensor_inputs(node)
+        return bool(inputs) and shape_of(inputs[0]) == shape_of(node)
+    return False
+
+
+def _is_pool(node: fx.Node) -> bool:
+    return _is_op(node, _POOL_MODULES, _POOL_FUNCTIONS) and not _is_noop(node)
+
+
+class _Modules:
+    """Which module each node ran in, and which modules end at which node."""
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self.order = {node: i for i, node in enumerate(graph.nodes)}
+        self.first: dict[str, fx.Node] = {}
+        self.last: dict[str, fx.Node] = {}
+        self.size: dict[str, int] = {}
+        for node in graph.nodes:
+            if node.op in ("placeholder", "output"):
+                continue
+            for module in self.ancestors(node):
+                self.first.setdefault(module, node)
+                self.last[module] = node
+                self.size[module] = self.size.get(module, 0) + 1
+
+    @staticmethod
+    def ancestors(node: fx.Node) -> list[str]:
+        """Module paths containing ``node``, outermost first (a leaf module call included)."""
+        qualname = node.meta.get(QUALNAME, "")
+        parts = qualname.split(".")
+        if node.op != "call_module":
+            parts = parts[:-1]
+        return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+    def ending_at(self, node: fx.Node) -> list[str]:
+        return [m for m in self.ancestors(node) if self.last.get(m) is node]
+
+
+def _stage_end(run: Sequence[fx.Node], transition: fx.Node | None, modules: _Modules) -> fx.Node:
+    """The node in ``run`` (spine nodes at one resolution) where the stage before ``transition``
+    ends: the end of the largest module that finishes in the run and does not contain the
+    transition. ``transition=None`` means the end of the network."""
+    around = set(modules.ancestors(transition)) if transition is not None else set()
+    limit = modules.order[transition] if transition is not None else None
+    best, best_size = run[-1], 0
+    for node in run:
+        if limit is not None and modules.order[node] >= limit:
+            break
+        ended = [m for m in modules.ending_at(node) if m not in around]
+        size = max((modules.size[m] for m in ended), default=0)
+        if size >= best_size and size > 0:
+            best, best_size = node, size
+    return _skip_noops_backwards(best)
+
+
+def _skip_noops_backwards(node: fx.Node) -> fx.Node:
+    while _is_noop(node) and node.args and isinstance(node.args[0], fx.Node):
+        if not is_feature_map(node.args[0]):
+            break
+        node = node.args[0]
+    return node
+
+
+def _parent(module: str) -> str:
+    return module.rpartition(".")[0]
+
+
+def _stage_parent(points: Sequence[fx.Node], modules: _Modules) -> str | None:
+    """The module whose children most of the points end (``"features"``, ``"backbone"``, ``""``)."""
+    votes: dict[str, int] = {}
+    for node in points:
+        for parent in {_parent(m) for m in modules.ending_at(node)}:
+            votes[parent] = votes.get(parent, 0) + 1
+    if not votes:
+        return None
+    return max(votes, key=lambda p: (votes[p], p.count(".")))
+
+
+def _final_stage_end(
+    run: Sequence[fx.Node], points: Sequence[fx.Node], modules: _Modules
+) -> fx.Node:
+    """End of the deepest stage: the last module in ``run`` that is a sibling of the earlier
+    stages (so a segmentation head after the backbone is not taken for a stage)."""
+    parent = _stage_parent(points, modules)
+    if parent is not None:
+        for node in reversed(run):
+            if any(_parent(m) == parent for m in modules.ending_at(node)):
+                return _skip_noops_backwards(node)
+    return _stage_end(run, None, modules)
+
+
+def stage_module(node: fx.Node, points: Sequence[fx.Node], graph: fx.Graph) -> str:
+    """A readable name for a stage end: the stage module that ends at ``node`` (``"layer1"`` for
+    ``layer1.2.relu_2``), or the node's own name when no module ends there."""
+    modules = _Modules(graph)
+    ended = modules.ending_at(node)
+    parent = _stage_parent(points, modules)
+    for module in ended:
+        if _parent(module) == parent:
+            return module
+    return ended[0] if ended else node.meta[QUALNAME]
+
+
+def _region(start: fx.Node, end: fx.Node, modules: _Modules) -> list[fx.Node]:
+    """Nodes strictly between two spine nodes in execution order that depend on ``start``."""
+    lo, hi = modules.order[start], modules.order[end]
+    inside: set[fx.Node] = {start}
+    out = []
+    for node in start.graph.nodes:
+        i = modules.order[node]
+        if i <= lo:
+            continue
+        if i > hi:
+            break
+        if any(n in inside for n in node.all_input_nodes):
+            inside.add(node)
+            out.append(node)
+    return out
+
+
+def _is_add(node: fx.Node) -> bool:
+    return (
+        node.op == "call_function" and node.target in {operator.add, operator.iadd, torch.add}
+    ) or (node.op == "call_method" and node.target in {"add", "add_"})
+
+
+def _projection(start: fx.Node, end: fx.Node, modules: _Modules) -> fx.Node | None:
+    """The first parametrised node of a residual block whose shortcut is a projection (two or more
+    parametrised paths from ``start`` summed into ``end``) and that changes the width, else None."""
+    if shape_of(start)[1] == shape_of(end)[1] or not _is_add(end):
+        return None
+    region = _region(start, end, modules)
+    users = [u for u in start.users if u in set(region)]
+    parametrised_paths = 0
+    for user in users:
+        reach = {user}
+        for node in region:
+            if node in reach or any(n in reach for n in node.all_input_nodes):
+                reach.add(node)
+        if any(_has_parameters(n) for n in reach if n is not end):
+            parametrised_paths += 1
+    if parametrised_paths < 2:
+        return None
+    return next((n for n in region if _has_parameters(n)), None)
+
+
+def _first_downsampling(start: fx.Node, end: fx.Node, modules: _Modules) -> fx.Node:
+    area = shape_of(start)[2] * shape_of(start)[3]
+    for node in _region(start, end, modules):
+        shape = shape_of(node)
+        if shape is not None and len(shape) == 4 and shape[2] * shape[3] < area:
+            return node
+    return end
+
+
+def _pool_chain_end(node: fx.Node, spine_nodes: Sequence[fx.Node]) -> fx.Node:
+    index = spine_nodes.index(node)
+    while index + 1 < len(spine_nodes):
+        nxt = spine_nodes[index + 1]
+        if _is_pool(nxt) and nxt.args and nxt.args[0] is spine_nodes[index]:
+            index += 1
+        else:
+            break
+    return spine_nodes[index]
+
+
+def stage_ends(graph: fx.Graph) -> list[fx.Node]:
+    """The automatic fusion points: the end of every backbone stage, in execution order.
+
+    A stage ends (1) before a block that lowers the resolution, or right after the lowering when
+    it is a parameter-free pool on the spine (VGG's pools); (2) after any pooling op on the spine,
+    even one with stride 1 (DeepLab's pool4 and pool5); (3) before a block that changes the width
+    through two or more parametrised paths (the projection blocks of dilated ResNets); (4) at the
+    end of the deepest stage. Where a stage end falls inside a run of same-resolution nodes, the
+    end of the largest module that finishes there wins (``layer1`` rather than its last ReLU's
+    neighbours; ``stages.0`` rather than the next stage's leading norm).
+    """
+    nodes = spine(graph)
+    if not nodes:
+        return []
+    modules = _Modules(graph)
+    points: list[fx.Node] = []
+
+    def run_before(index: int) -> list[fx.Node]:
+        """Spine nodes at the resolution of ``nodes[index]`` since the last stage end."""
+        shape = shape_of(nodes[index])[2:]
+        start = index
+        while (
+            start > 0 and shape_of(nodes[start - 1])[2:] == shape and nodes[start - 1] not in points
+        ):
+            start -= 1
+        return list(nodes[start : index + 1])
+
+    for i in range(len(nodes) - 1):
+        a, b = nodes[i], nodes[i + 1]
+        area_a = shape_of(a)[2] * shape_of(a)[3]
+        area_b = shape_of(b)[2] * shape_of(b)[3]
+        direct_pool = _is_pool(b) and bool(b.args) and b.args[0] is a
+        if direct_pool:
+            points.append(_pool_chain_end(b, nodes))
+        elif area_b < area_a:
+            points.append(_stage_end(run_before(i), _first_downsampling(a, b, modules), modules))
+        elif area_b == area_a:
+            projection = _projection(a, b, modules)
+            if projection is not None:
+                points.append(_stage_end(run_before(i), projection, modules))
+    final_run = list(nodes[nodes.index(points[-1]) :]) if points else list(nodes)
+    points.append(_final_stage_end(final_run, points, modules))
+
+    seen: set[fx.Node] = set()
+    ordered = []
+    for node in sorted(points, key=modules.order.__getitem__):
+        if node not in seen:
+            seen.add(node)
+            ordered.append(node)
+    return ordered
+
+
+def node_names(nodes: Iterable[fx.Node]) -> list[str]:
+    return [n.meta[QUALNAME] for n in nodes]
+
+
+# The rewriter recognises these as the guards fx inserts for specialised arguments.
+GUARD_FUNCTIONS = {torch._assert, torch.fx._symbolic_trace._assert_is_none, operator.eq}

@@ -1,0 +1,386 @@
+"""The fusion layers: NDDR (Gao et al., CVPR 2019) and the NDDR-Shortcut.
+
+An :class:`NDDRLayer` takes the K tasks' feature maps at one fusion level, concatenates them along
+channels in task order and, for every task i, maps the ΣC_j channels back to C_i with its own 1×1
+convolution (no bias), a norm and an activation. Its diagonal initialisation gives task i's own block
+α·I and every other block β·I, so with (α, β) = (1, 0), no norm and no activation the layer is exactly
+the identity.
+
+:class:`NDDR` is the factory the rewriter calls once per level with the K feature-map shapes; its
+options are the ones ``nddrify.fuse`` forwards.
+
+Example:
+    >>> import torch, nddrify
+    >>> layer = nddrify.NDDR(init=(1.0, 0.0), norm=None, activation=None)([(1, 8, 4, 4), (1, 16, 4, 4)])
+    >>> a, b = torch.randn(1, 8, 4, 4), torch.randn(1, 16, 4, 4)
+    >>> out_a, out_b = layer(a, b)
+    >>> torch.equal(out_a, a) and torch.equal(out_b, b)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import FusionConfigError
+
+__all__ = [
+    "FusionLayer",
+    "NDDRLayer",
+    "NDDRShortcutLayer",
+    "NDDR",
+    "Shortcut",
+    "diagonal_init_",
+    "default_init",
+    "resize_bilinear",
+]
+
+#: ``(alpha, beta)``, ``"xavier"``, or ``None`` for the default (α, β) = (0.9, 0.1/(K−1)).
+Init = Union[tuple[float, float], Literal["xavier"], None]
+#: ``"batchnorm"``, ``None`` (no norm), or a callable ``channels -> nn.Module``.
+Norm = Union[Literal["batchnorm"], None, Callable[[int], nn.Module]]
+#: ``"auto"`` (ReLU where the fused feature was non-negative), ``"relu"``, ``None`` or a callable.
+Activation = Union[Literal["auto", "relu"], None, Callable[[], nn.Module]]
+ResizeMode = Literal["align_corners_false", "align_corners_true", "tf_legacy"]
+
+_BN_EPS = 1e-3  # TF/slim default of the official code
+_BN_MOMENTUM = 0.05  # TF decay 0.95
+
+
+class FusionLayer(nn.Module):
+    """Base class of every layer the rewriter inserts; ``param_groups`` finds fusion parameters
+    by this type."""
+
+
+def default_init(num_tasks: int) -> tuple[float, float]:
+    """The diagonal init used when none is given: (0.9, 0.1) for two tasks, rows summing to 1.
+
+    Example:
+        >>> from nddrify.layers import default_init
+        >>> default_init(2), default_init(5)
+        ((0.9, 0.1), (0.9, 0.025))
+    """
+    if num_tasks < 2:
+        return (1.0, 0.0)
+    return (0.9, 0.1 / (num_tasks - 1))
+
+
+def diagonal_init_(
+    weight: torch.Tensor, in_channels: Sequence[int], own: int, alpha: float, beta: float
+) -> torch.Tensor:
+    """Fill a 1×1 conv ``weight`` (C_out × ΣC_j × 1 × 1) with α·I on block ``own`` and β·I elsewhere.
+
+    Blocks that are not square get the identity on their overlapping channels (top-left corner).
+    """
+    with torch.no_grad():
+        weight.zero_()
+        start = 0
+        for j, channels in enumerate(in_channels):
+            overlap = min(weight.shape[0], channels)
+            index = torch.arange(overlap, device=weight.device)
+            weight[index, start + index, 0, 0] = alpha if j == own else beta
+            start += channels
+    return weight
+
+
+def _make_norm(norm: Norm, channels: int) -> nn.Module:
+    if norm is None:
+        return nn.Identity()
+    if norm == "batchnorm":
+        return nn.BatchNorm2d(channels, eps=_BN_EPS, momentum=_BN_MOMENTUM)
+    if callable(norm):
+        return norm(channels)
+    raise FusionConfigError(
+        f"norm={norm!r} is not supported; use 'batchnorm', None, or a callable channels -> module "
+        "(e.g. lambda c: nn.GroupNorm(32, c))."
+    )
+
+
+def _make_activation(activation: Activation, nonnegative: bool) -> nn.Module:
+    if activation is None:
+        return nn.Identity()
+    if activation == "auto":
+        return nn.ReLU() if nonnegative else nn.Identity()
+    if activation == "relu":
+        return nn.ReLU()
+    if callable(activation):
+        return activation()
+    raise FusionConfigError(
+        f"activation={activation!r} is not supported; use 'auto', 'relu', None, or a callable that "
+        "returns a module (e.g. nn.GELU)."
+    )
+
+
+def _check_init(init: Init, num_tasks: int) -> tuple[float, float] | Literal["xavier"]:
+    if init is None:
+        return default_init(num_tasks)
+    if init == "xavier":
+        return "xavier"
+    if (
+        isinstance(init, (tuple, list))
+        and len(init) == 2
+        and all(isinstance(v, (int, float)) for v in init)
+    ):
+        alpha, beta = float(init[0]), float(init[1])
+        if not (math.isfinite(alpha) and math.isfinite(beta)):
+            raise FusionConfigError(f"init={init!r} contains NaN or inf; use finite (alpha, beta).")
+        return (alpha, beta)
+    raise FusionConfigError(
+        f"init={init!r} is not supported; use (alpha, beta) such as (0.9, 0.1), 'xavier', or None."
+    )
+
+
+def resize_bilinear(x: torch.Tensor, size: Sequence[int], mode: ResizeMode) -> torch.Tensor:
+    """Bilinear resize with the three conventions found in NDDR code.
+
+    ``"align_corners_false"`` and ``"align_corners_true"`` are PyTorch's; ``"tf_legacy"`` is
+    TF1's ``resize_bilinear`` without half-pixel centres: source = destination × (in / out).
+    """
+    height, width = int(size[0]), int(size[1])
+    if tuple(x.shape[-2:]) == (height, width):
+        return x
+    if mode == "align_corners_false":
+        return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+    if mode == "align_corners_true":
+        return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=True)
+    if mode == "tf_legacy":
+        return _resize_asymmetric(_resize_asymmetric(x, height, dim=-2), width, dim=-1)
+    raise FusionConfigError(
+        f"resize mode {mode!r} is unknown; use 'align_corners_false', 'align_corners_true' or "
+        "'tf_legacy'."
+    )
+
+
+def _resize_asymmetric(x: torch.Tensor, out_size: int, dim: int) -> torch.Tensor:
+    in_size = x.shape[dim]
+    if in_size == out_size:
+        return x
+    source = torch.arange(out_size, device=x.device, dtype=torch.float32) * (in_size / out_size)
+    low = source.floor().long().clamp(max=in_size - 1)
+    high = (low + 1).clamp(max=in_size - 1)
+    frac = (source - low.to(source.dtype)).to(x.dtype)
+    shape = [1] * x.dim()
+    shape[dim] = out_size
+    frac = frac.view(shape)
+    return x.index_select(dim, low) * (1 - frac) + x.index_select(dim, high) * frac
+
+
+class NDDRLayer(FusionLayer):
+    """NDDR fusion of K feature maps into K feature maps (one 1×1 conv, norm, activation per task).
+
+    Args:
+        in_channels: C_i of every task, in task order.
+        init: ``(alpha, beta)`` diagonal init, ``"xavier"``, or ``None`` for :func:`default_init`.
+        norm: ``"batchnorm"`` (eps 1e-3, momentum 0.05 as in the official code), ``None`` or a
+            callable ``channels -> module``.
+        activation: ``"auto"`` applies ReLU only to tasks whose incoming feature is non-negative
+            (``nonnegative[i]``), so pre-activation features are never clipped; ``"relu"`` always
+            (the official code's behaviour); ``None`` never; or a callable returning a module.
+        nonnegative: per task, whether the fused feature map was non-negative in the original model.
+        resize: resize other tasks' maps to task i's H×W before fusing (for tasks whose maps differ).
+
+    Example:
+        >>> import torch
+        >>> from nddrify.layers import NDDRLayer
+        >>> layer = NDDRLayer([4, 4], init=(0.9, 0.1), norm=None, activation=None)
+        >>> layer.convs[0].weight[:, :, 0, 0][0].tolist()
+        [0.8999999761581421, 0.0, 0.0, 0.0, 0.10000000149011612, 0.0, 0.0, 0.0]
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        *,
+        init: Init = None,
+        norm: Norm = "batchnorm",
+        activation: Activation = "auto",
+        nonnegative: Sequence[bool] | None = None,
+        resize: ResizeMode | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_channels = tuple(int(c) for c in in_channels)
+        if len(self.in_channels) < 2:
+            raise FusionConfigError(f"NDDR fuses at least two tasks, got {len(self.in_channels)}.")
+        nonnegative = tuple(nonnegative) if nonnegative is not None else (False,) * len(in_channels)
+        total = sum(self.in_channels)
+        self.convs = nn.ModuleList(nn.Conv2d(total, c, 1, bias=False) for c in self.in_channels)
+        self.norms = nn.ModuleList(_make_norm(norm, c) for c in self.in_channels)
+        self.activations = nn.ModuleList(_make_activation(activation, nn_) for nn_ in nonnegative)
+        self.resize = resize
+        self.reset_parameters(init)
+
+    def reset_parameters(self, init: Init = None) -> None:
+        """Re-initialise the 1×1 weights (diagonal or Xavier) and the norms."""
+        checked = _check_init(init, len(self.in_channels))
+        for i, conv in enumerate(self.convs):
+            if checked == "xavier":
+                nn.init.xavier_uniform_(conv.weight)
+            else:
+                diagonal_init_(conv.weight, self.in_channels, i, *checked)
+        for norm in self.norms:
+            if hasattr(norm, "reset_parameters"):
+                norm.reset_parameters()
+
+    def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.resize is None:
+            stacked = torch.cat(features, dim=1)
+            # One convolution over the stacked weights computes every task's 1×1 conv at once.
+            weight = torch.cat([conv.weight for conv in self.convs], dim=0)
+            mixed = F.conv2d(stacked, weight).split(self.in_channels, dim=1)
+        else:
+            mixed = []
+            for conv, own in zip(self.convs, features):
+                size = own.shape[-2:]
+                stacked = torch.cat([resize_bilinear(f, size, self.resize) for f in features], 1)
+                mixed.append(conv(stacked))
+        return tuple(act(norm(x)) for x, norm, act in zip(mixed, self.norms, self.activations))
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}"
+
+
+class NDDRShortcutLayer(FusionLayer):
+    """NDDR-Shortcut: per task, resize every level's NDDR output to the last level's H×W,
+    concatenate them in level order and reduce to the last level's width (1×1 conv, norm, act).
+
+    ``forward(levels)`` takes a sequence of levels, each a tuple of the K tasks' maps, and returns
+    the K tasks' new last-level maps.
+
+    Example:
+        >>> import torch
+        >>> from nddrify.layers import NDDRShortcutLayer
+        >>> layer = NDDRShortcutLayer([[8, 8], [16, 16]], norm=None)
+        >>> levels = [(torch.randn(1, 8, 8, 8),) * 2, (torch.randn(1, 16, 4, 4),) * 2]
+        >>> [tuple(y.shape) for y in layer(levels)]
+        [(1, 16, 4, 4), (1, 16, 4, 4)]
+    """
+
+    def __init__(
+        self,
+        level_channels: Sequence[Sequence[int]],
+        *,
+        norm: Norm = "batchnorm",
+        activation: Activation = "auto",
+        nonnegative: Sequence[bool] | None = None,
+        resize_mode: ResizeMode = "align_corners_false",
+    ) -> None:
+        super().__init__()
+        channels = [tuple(int(c) for c in level) for level in level_channels]
+        num_tasks = len(channels[-1])
+        nonnegative = tuple(nonnegative) if nonnegative is not None else (False,) * num_tasks
+        self.resize_mode = resize_mode
+        self.convs = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        self.activations = nn.ModuleList()
+        for task in range(num_tasks):
+            total = sum(level[task] for level in channels)
+            width = channels[-1][task]
+            conv = nn.Conv2d(total, width, 1, bias=False)
+            nn.init.xavier_uniform_(conv.weight)
+            self.convs.append(conv)
+            self.norms.append(_make_norm(norm, width))
+            self.activations.append(_make_activation(activation, nonnegative[task]))
+
+    def forward(self, levels: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+        outputs = []
+        for task, (conv, norm, act) in enumerate(zip(self.convs, self.norms, self.activations)):
+            size = levels[-1][task].shape[-2:]
+            stacked = torch.cat(
+                [resize_bilinear(level[task], size, self.resize_mode) for level in levels], dim=1
+            )
+            outputs.append(act(norm(conv(stacked))))
+        return tuple(outputs)
+
+
+def _norm_params(norm: Norm, channels: int) -> int:
+    if norm is None:
+        return 0
+    if norm == "batchnorm":
+        return 2 * channels
+    return sum(p.numel() for p in _make_norm(norm, channels).parameters())
+
+
+@dataclass(frozen=True)
+class NDDR:
+    """Factory for NDDR layers: ``NDDR(...)(shapes, nonnegative)`` builds one level's layer.
+
+    The options are those of :class:`NDDRLayer`; ``nddrify.fuse(init=..., norm=..., activation=...)``
+    builds this factory for you.
+
+    Example:
+        >>> from nddrify import NDDR
+        >>> NDDR().num_parameters([(1, 64, 112, 112), (1, 64, 112, 112)])
+        (8192, 256)
+    """
+
+    init: Init = None
+    norm: Norm = "batchnorm"
+    activation: Activation = "auto"
+    resize: ResizeMode | None = None
+
+    def __call__(
+        self, shapes: Sequence[Sequence[int]], nonnegative: Sequence[bool] | None = None
+    ) -> NDDRLayer:
+        return NDDRLayer(
+            [s[1] for s in shapes],
+            init=self.init,
+            norm=self.norm,
+            activation=self.activation,
+            nonnegative=nonnegative,
+            resize=self.resize,
+        )
+
+    def num_parameters(self, shapes: Sequence[Sequence[int]]) -> tuple[int, int]:
+        """(1×1 weights, norm parameters) one level adds, for feature maps of these shapes."""
+        channels = [int(s[1]) for s in shapes]
+        total = sum(channels)
+        return (
+            sum(total * c for c in channels),
+            sum(_norm_params(self.norm, c) for c in channels),
+        )
+
+
+@dataclass(frozen=True)
+class Shortcut:
+    """Options of the NDDR-Shortcut (``nddrify.fuse(shortcut=True)`` uses the defaults).
+
+    Args:
+        resize_mode: ``"align_corners_false"`` (default), ``"align_corners_true"`` (one public
+            port), or ``"tf_legacy"`` (the official TF1 code).
+        norm, activation: as for :class:`NDDRLayer`.
+    """
+
+    resize_mode: ResizeMode = "align_corners_false"
+    norm: Norm = "batchnorm"
+    activation: Activation = "auto"
+
+    def __call__(
+        self,
+        level_shapes: Sequence[Sequence[Sequence[int]]],
+        nonnegative: Sequence[bool] | None = None,
+    ) -> NDDRShortcutLayer:
+        return NDDRShortcutLayer(
+            [[s[1] for s in level] for level in level_shapes],
+            norm=self.norm,
+            activation=self.activation,
+            nonnegative=nonnegative,
+            resize_mode=self.resize_mode,
+        )
+
+    def num_parameters(self, level_shapes: Sequence[Sequence[Sequence[int]]]) -> tuple[int, int]:
+        """(1×1 weights, norm parameters) the shortcut adds."""
+        num_tasks = len(level_shapes[-1])
+        weights = norms = 0
+        for task in range(num_tasks):
+            total = sum(int(level[task][1]) for level in level_shapes)
+            width = int(level_shapes[-1][task][1])
+            weights += total * width
+            norms += _norm_params(self.norm, width)
+        return weights, norms

@@ -1,0 +1,294 @@
+"""Stage 1 of 3: trace each task's model into a torch.fx graph with readable node names and shapes.
+
+Tracing follows torchvision's feature-extraction conventions: every node is named by the dotted path
+of the module it ran in plus the op (``layer4.2.relu_2``), and a module name stands for the last node
+executed inside it. When timm is importable its no-trace registry (leaf modules and autowrapped
+functions) is used, so timm models trace as they do in ``timm.models.FeatureGraphNet``.
+
+Each model is traced twice, in train and in eval mode, because torch.fx bakes ``self.training``
+branches into the graph (googlenet's auxiliary heads, ``F.dropout(x, training=self.training)``).
+Shapes come from :class:`torch.fx.passes.shape_prop.ShapeProp` run on the eval graph.
+
+Example:
+    >>> import torchvision, nddrify
+    >>> traced = nddrify.trace_model(torchvision.models.resnet18())
+    >>> traced.node("layer4").meta["qualname"], tuple(traced.node("layer4").meta["tensor_meta"].shape)
+    ('layer4.1.relu_1', (1, 512, 7, 7))
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torchvision
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torchvision.models.feature_extraction import NodePathTracer
+
+from .errors import ModelsError, TraceError
+
+__all__ = ["TracedModel", "trace_model", "default_example_input", "QUALNAME"]
+
+#: ``node.meta`` key holding the torchvision-style node name (``"layer1.0.relu"``).
+QUALNAME = "qualname"
+
+
+@dataclass
+class TracedModel:
+    """One task's model after tracing.
+
+    Attributes:
+        task: the task's name (``"task0"`` or the key of a ``models`` dict).
+        module: a private deep copy of the user's model; both graphs call into it.
+        graph_module: the eval-mode graph, with ``meta["qualname"]`` and ``meta["tensor_meta"]`` on
+            every node. Planning reads this graph.
+        train_graph_module: the train-mode graph when it differs from the eval one, else ``None``.
+        example_input: the tensor the shapes were propagated with.
+    """
+
+    task: str
+    module: nn.Module
+    graph_module: fx.GraphModule
+    train_graph_module: fx.GraphModule | None
+    example_input: torch.Tensor = field(repr=False)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.graph_module.graph
+
+    @property
+    def node_names(self) -> list[str]:
+        """Every node's torchvision-style name, in execution order."""
+        return [n.meta[QUALNAME] for n in self.graph.nodes if n.op not in ("placeholder", "output")]
+
+    def node(self, name: str) -> fx.Node:
+        """The node called ``name``, or the last node executed inside the module called ``name``.
+
+        Raises:
+            KeyError: when no node or module has that name (the planner turns this into a
+                :class:`~nddrify.PointError` with suggestions).
+        """
+        found = None
+        for node in self.graph.nodes:
+            qualname = node.meta.get(QUALNAME, "")
+            if node.op in ("placeholder", "output"):
+                continue
+            if qualname == name or qualname.startswith(name + "."):
+                found = node
+        if found is None:
+            raise KeyError(name)
+        return found
+
+
+class _Tracer(NodePathTracer):
+    """torchvision's NodePathTracer that also remembers the innermost module it failed in."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.failed_module: str | None = None
+
+    def call_module(self, m: nn.Module, forward: Callable, args: Any, kwargs: Any) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:
+                self.failed_module = self.path_of_module(m)
+            raise
+
+
+def _timm_notrace() -> tuple[list[type], list[Callable]]:
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:
+        return [], []
+    return list(get_notrace_modules()), list(get_notrace_functions())
+
+
+def _torchvision_ops_leaf_modules() -> list[type]:
+    ops = torchvision.ops
+    return [
+        obj
+        for name in dir(ops)
+        if isinstance(obj := getattr(ops, name), type) and issubclass(obj, nn.Module)
+    ]
+
+
+def _tracer_kwargs(
+    leaf_modules: Iterable[type], autowrap_functions: Iterable[Callable]
+) -> dict[str, Any]:
+    timm_modules, timm_functions = _timm_notrace()
+    leaves = [*_torchvision_ops_leaf_modules(), *timm_modules, *leaf_modules]
+    functions = [*timm_functions, *autowrap_functions]
+    return {
+        "leaf_modules": list(dict.fromkeys(leaves)),
+        "autowrap_functions": tuple(dict.fromkeys(functions)),
+        "autowrap_modules": (math, torchvision.ops),
+    }
+
+
+def _forward_concrete_args(
+    model: nn.Module, task: str, user_args: Mapping[str, Any] | None
+) -> tuple[str, dict[str, Any]]:
+    """Name of the image argument, and the values every other forward argument is fixed to."""
+    params = list(inspect.signature(model.forward).parameters.values())
+    positional = [
+        p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    if not positional:
+        raise ModelsError(
+            f"task {task!r}: {type(model).__name__}.forward takes no named input argument; nddrify "
+            "feeds the image as the first positional argument. Wrap the model in a module whose "
+            "forward(self, x) calls it."
+        )
+    concrete: dict[str, Any] = dict(user_args or {})
+    image_arg = positional[0].name
+    missing = []
+    for param in positional[1:]:
+        if param.name in concrete:
+            continue
+        if param.default is inspect.Parameter.empty:
+            missing.append(param.name)
+        elif not isinstance(param.default, torch.Tensor):
+            concrete[param.name] = param.default
+    if missing:
+        raise ModelsError(
+            f"task {task!r}: {type(model).__name__}.forward needs the argument(s) {missing} besides "
+            f"the image {image_arg!r}; fix them with concrete_args={{{missing[0]!r}: value}} "
+            "(a dict, or a list with one dict per task)."
+        )
+    unknown = sorted(set(concrete) - {p.name for p in positional[1:]})
+    if unknown:
+        raise ModelsError(
+            f"task {task!r}: concrete_args names {unknown}, which {type(model).__name__}.forward "
+            f"does not take; its arguments are {[p.name for p in positional]}."
+        )
+    return image_arg, concrete
+
+
+def default_example_input(model: nn.Module) -> torch.Tensor:
+    """A 1×3×224×224 tensor, or 1×(the model's declared ``input_size``) for timm-style models.
+
+    Example:
+        >>> import torchvision, nddrify
+        >>> tuple(nddrify.default_example_input(torchvision.models.vgg16()).shape)
+        (1, 3, 224, 224)
+    """
+    size: tuple[int, ...] = (3, 224, 224)
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, Mapping) and isinstance(cfg.get("input_size"), (tuple, list)):
+            size = tuple(int(s) for s in cfg["input_size"])
+            break
+    return torch.randn(1, *size)
+
+
+def _parameter_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype] | None:
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return None
+
+
+def _trace_graph(
+    model: nn.Module, task: str, concrete_args: dict[str, Any], tracer_kwargs: dict[str, Any]
+) -> fx.GraphModule:
+    tracer = _Tracer(**tracer_kwargs)
+    mode = "train" if model.training else "eval"
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args or None)
+    except Exception as err:
+        where = tracer.failed_module
+        module_desc = (
+            f"in module {where!r} ({type(model.get_submodule(where)).__name__})"
+            if where
+            else f"in {type(model).__name__}.forward"
+        )
+        raise TraceError(
+            f"task {task!r}: torch.fx could not trace the model in {mode} mode, {module_desc}: "
+            f"{type(err).__name__}: {err}\n"
+            "How to fix: make the failing module a leaf (fuse(..., leaf_modules=[ItsClass])), "
+            "autowrap the function that breaks tracing (fuse(..., autowrap_functions=[fn]); fx "
+            "ignores functions whose name starts with '_'), or fix data-dependent forward "
+            "arguments (fuse(..., concrete_args={'name': value}))."
+        ) from err
+    for node in graph.nodes:
+        node.meta[QUALNAME] = tracer.node_to_qualname.get(node, node.op)
+    return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+
+
+def trace_model(
+    model: nn.Module,
+    *,
+    task: str = "task0",
+    example_input: torch.Tensor | None = None,
+    leaf_modules: Iterable[type] = (),
+    autowrap_functions: Iterable[Callable] = (),
+    concrete_args: Mapping[str, Any] | None = None,
+) -> TracedModel:
+    """Trace a private copy of ``model`` in train and eval mode and propagate shapes.
+
+    Args:
+        model: any ``nn.Module`` whose forward takes the image as first argument. It is not
+            modified (not even its train/eval mode).
+        task: the task's name, used in error messages.
+        example_input: input for shape propagation; default :func:`default_example_input`.
+        leaf_modules: module classes not to trace into (added to torchvision's and timm's).
+        autowrap_functions: functions to keep as single calls (added to timm's).
+        concrete_args: values for forward arguments other than the image. Arguments with a
+            non-tensor default (``None``, flags) are fixed to that default unless given here.
+
+    Raises:
+        TraceError: torch.fx failed, or the traced model failed on ``example_input``.
+        ModelsError: the forward signature needs arguments nddrify cannot provide.
+    """
+    if not isinstance(model, nn.Module):
+        raise ModelsError(f"task {task!r}: expected an nn.Module, got {type(model).__name__}.")
+    _, fixed_args = _forward_concrete_args(model, task, concrete_args)
+    module = copy.deepcopy(model)
+    tracer_kwargs = _tracer_kwargs(leaf_modules, autowrap_functions)
+
+    module.train(True)
+    train_gm = _trace_graph(module, task, fixed_args, tracer_kwargs)
+    module.train(False)
+    eval_gm = _trace_graph(module, task, fixed_args, tracer_kwargs)
+
+    if example_input is None:
+        example_input = default_example_input(model)
+    if not isinstance(example_input, torch.Tensor):
+        raise ModelsError(
+            f"task {task!r}: example_input must be a tensor, got {type(example_input).__name__}."
+        )
+    if example_input.dim() != 4:
+        raise ModelsError(
+            f"task {task!r}: example_input has shape {tuple(example_input.shape)}; nddrify fuses "
+            "image models and needs a 4-D N×C×H×W batch, e.g. torch.randn(1, 3, 224, 224)."
+        )
+    placement = _parameter_device_dtype(module)
+    if placement is not None:
+        example_input = example_input.to(*placement)
+    try:
+        with torch.no_grad():
+            ShapeProp(eval_gm).propagate(example_input)
+    except Exception as err:
+        raise TraceError(
+            f"task {task!r}: the traced model failed on an example input of shape "
+            f"{tuple(example_input.shape)}: {err}\nHow to fix: pass example_input= with a size the "
+            "model accepts (e.g. its training resolution)."
+        ) from err
+    module.train(model.training)
+
+    same = train_gm.code == eval_gm.code
+    return TracedModel(
+        task=task,
+        module=module,
+        graph_module=eval_gm,
+        train_graph_module=None if same else train_gm,
+        example_input=example_input,
+    )
