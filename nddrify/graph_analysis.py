@@ -174,6 +174,21 @@ def _permutation(node: fx.Node) -> tuple[int, ...] | None:
     return None
 
 
+def _leads_with_nchw_op(module: nn.Module | None) -> bool:
+    """A leaf container (torchvision's ``Conv2dNormActivation``, say) whose first op is a conv,
+    norm or pool and that holds nothing that could leave N×C×H×W (linear layers, layer norms,
+    permutes): it maps an N×C×H×W input to an N×C×H×W output."""
+    if module is None:
+        return False
+    leaves = [m for m in module.modules() if m is not module and not any(m.children())]
+    if not leaves or not isinstance(leaves[0], _NCHW_MODULES):
+        return False
+    return not any(
+        isinstance(m, (nn.Linear, nn.LayerNorm, nn.MultiheadAttention)) or hasattr(m, "dims")
+        for m in leaves
+    )
+
+
 def _layout(node: fx.Node, layouts: dict[fx.Node, tuple[int, ...] | None]):
     shape = shape_of(node)
     if shape is None or len(shape) != 4:
@@ -198,10 +213,13 @@ def _layout(node: fx.Node, layouts: dict[fx.Node, tuple[int, ...] | None]):
     if is_reshape:
         return None
     if node.op == "call_module":
-        dims = getattr(_module(node), "dims", None)  # torchvision.ops.Permute
+        module = _module(node)
+        dims = getattr(module, "dims", None)  # torchvision.ops.Permute
         if isinstance(dims, (list, tuple)) and len(dims) == 4 and inputs:
             source = layouts.get(inputs[0])
             return tuple(source[d] for d in dims) if source is not None else None
+        if _leads_with_nchw_op(module) and any(layouts.get(n) == _NCHW for n in inputs):
+            return _NCHW
     for source in inputs:
         src = shape_of(source)
         # A channel-mixing op keeps H×W; a spatial op keeps C. Anything else is unknown.
@@ -470,21 +488,35 @@ def _pool_chain_end(node: fx.Node, spine_nodes: Sequence[fx.Node]) -> fx.Node:
     return spine_nodes[index]
 
 
-def stage_ends(graph: fx.Graph) -> list[fx.Node]:
-    """The automatic fusion points: the end of every backbone stage, in execution order.
+def _is_dilated(node: fx.Node) -> bool:
+    module = _module(node)
+    if isinstance(module, nn.Conv2d):
+        return any(d > 1 for d in module.dilation)
+    if node.op == "call_function" and node.target in {F.conv2d, torch.conv2d}:
+        dilation = node.args[5] if len(node.args) > 5 else node.kwargs.get("dilation", 1)
+        return any(d > 1 for d in (dilation if isinstance(dilation, (tuple, list)) else [dilation]))
+    return False
 
-    A stage ends (1) before a block that lowers the resolution, or right after the lowering when
-    it is a parameter-free pool on the spine (VGG's pools); (2) after any pooling op on the spine,
-    even one with stride 1 (DeepLab's pool4 and pool5); (3) before a block that changes the width
-    through two or more parametrised paths (the projection blocks of dilated ResNets); (4) at the
-    end of the deepest stage. Where a stage end falls inside a run of same-resolution nodes, the
-    end of the largest module that finishes there wins (``layer1`` rather than its last ReLU's
-    neighbours; ``stages.0`` rather than the next stage's leading norm).
-    """
-    nodes = spine(graph)
-    if not nodes:
-        return []
-    modules = _Modules(graph)
+
+def _outermost_ended(node: fx.Node, modules: _Modules) -> str | None:
+    ended = modules.ending_at(node)
+    return ended[0] if ended else None
+
+
+def _is_inner_part(node: fx.Node, final: fx.Node, modules: _Modules) -> bool:
+    """True when ``node`` ends only a piece of a module that stops short of the final stage
+    (a conv inside a multi-conv stem, the leading pool of a stage): the outermost module ending at
+    ``node`` sits in a parent other than the root that does not reach the final stage end."""
+    outer = _outermost_ended(node, modules)
+    if outer is None:
+        return False
+    parent = _parent(outer)
+    return parent != "" and parent not in modules.ancestors(final)
+
+
+def _collect_stage_ends(
+    nodes: Sequence[fx.Node], modules: _Modules, final: fx.Node | None, dilated: bool
+) -> list[fx.Node]:
     points: list[fx.Node] = []
 
     def run_before(index: int) -> list[fx.Node]:
@@ -497,26 +529,63 @@ def stage_ends(graph: fx.Graph) -> list[fx.Node]:
             start -= 1
         return list(nodes[start : index + 1])
 
+    def accept(node: fx.Node | None) -> bool:
+        if node is None or node.op == "placeholder":
+            return False
+        return final is None or not _is_inner_part(node, final, modules)
+
     for i in range(len(nodes) - 1):
         a, b = nodes[i], nodes[i + 1]
         area_a = shape_of(a)[2] * shape_of(a)[3]
         area_b = shape_of(b)[2] * shape_of(b)[3]
         direct_pool = _is_pool(b) and bool(b.args) and b.args[0] is a
+        candidate = None
         if direct_pool:
-            points.append(_pool_chain_end(b, nodes))
+            candidate = _pool_chain_end(b, nodes)
+            if not accept(candidate) and area_b < area_a:
+                candidate = _stage_end(run_before(i), b, modules)
         elif area_b < area_a:
-            points.append(_stage_end(run_before(i), _first_downsampling(a, b, modules), modules))
-        elif area_b == area_a:
+            candidate = _stage_end(run_before(i), _first_downsampling(a, b, modules), modules)
+        elif area_b == area_a and dilated:
             projection = _projection(a, b, modules)
             if projection is not None:
-                points.append(_stage_end(run_before(i), projection, modules))
+                candidate = _stage_end(run_before(i), projection, modules)
+        if accept(candidate) and candidate not in points:
+            points.append(candidate)
     final_run = list(nodes[nodes.index(points[-1]) :]) if points else list(nodes)
     points.append(_final_stage_end(final_run, points, modules))
+    return points
+
+
+def stage_ends(graph: fx.Graph) -> list[fx.Node]:
+    """The automatic fusion points: the end of every backbone stage, in execution order.
+
+    A stage ends (1) before a block that lowers the resolution, or right after the lowering when
+    it is a parameter-free pool on the spine (VGG's pools); (2) after any pooling op on the spine,
+    even one with stride 1 (DeepLab's pool4 and pool5); (3) in networks with dilated convolutions,
+    before a block that changes the width through two or more parametrised paths (the projection
+    blocks of dilated ResNets, which replace a stride); (4) at the end of the deepest stage. Where
+    a stage end falls inside a run of same-resolution nodes, the end of the largest module that
+    finishes there wins (``layer1`` rather than its last ReLU's neighbours; ``stages.0`` rather than
+    the next stage's leading norm).
+
+    A candidate is dropped when the outermost module ending there is only a piece of a non-root
+    module that stops short of the final stage (the first conv of a two-conv ``stem``, the pool
+    that opens ``stages.1``): stages are cut between modules of the backbone's own level, not
+    inside a stem or a stage. A dropped pool falls back to the stage end before it.
+    """
+    nodes = spine(graph)
+    if not nodes:
+        return []
+    modules = _Modules(graph)
+    dilated = any(_is_dilated(n) for n in graph.nodes)
+    first = _collect_stage_ends(nodes, modules, None, dilated)
+    points = _collect_stage_ends(nodes, modules, first[-1], dilated)
 
     seen: set[fx.Node] = set()
     ordered = []
     for node in sorted(points, key=modules.order.__getitem__):
-        if node not in seen:
+        if node not in seen and node.op != "placeholder":
             seen.add(node)
             ordered.append(node)
     return ordered

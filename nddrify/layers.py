@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +43,11 @@ __all__ = [
 ]
 
 #: ``(alpha, beta)``, ``"xavier"``, or ``None`` for the default (α, β) = (0.9, 0.1/(K−1)).
-Init = Union[tuple[float, float], Literal["xavier"], None]
+Init = tuple[float, float] | Literal["xavier"] | None
 #: ``"batchnorm"``, ``None`` (no norm), or a callable ``channels -> nn.Module``.
-Norm = Union[Literal["batchnorm"], None, Callable[[int], nn.Module]]
+Norm = Literal["batchnorm"] | Callable[[int], nn.Module] | None
 #: ``"auto"`` (ReLU where the fused feature was non-negative), ``"relu"``, ``None`` or a callable.
-Activation = Union[Literal["auto", "relu"], None, Callable[[], nn.Module]]
+Activation = Literal["auto", "relu"] | Callable[[], nn.Module] | None
 ResizeMode = Literal["align_corners_false", "align_corners_true", "tf_legacy"]
 
 _BN_EPS = 1e-3  # TF/slim default of the official code

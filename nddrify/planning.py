@@ -19,7 +19,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 #: ``"auto"``, an int N (the last N auto points), names shared by all tasks, or one list per task.
-Points = Union[str, int, Sequence[str], Sequence[Sequence[str]], Mapping[str, Sequence[str]]]
+Points = str | int | Sequence[str] | Sequence[Sequence[str]] | Mapping[str, Sequence[str]]
 
 _RESERVED = {"x", "shortcut", "self", "torch"}
 
@@ -403,12 +403,14 @@ def _resolve(names: Sequence[str], traced: TracedModel) -> list[fx.Node]:
     return nodes
 
 
-def _select(points: Points, traced: Sequence[TracedModel]) -> list[list[fx.Node]]:
+def _select(points: Points, traced: Sequence[TracedModel]) -> list[list[tuple[fx.Node, str]]]:
+    """Per task, the chosen nodes and their labels (the name the user gave, or the stage module)."""
     names = [t.task for t in traced]
     if isinstance(points, bool):
         raise PointError(f"points={points!r} is not valid; use 'auto', an int, or a list of names.")
     if points == "auto" or isinstance(points, int):
-        per_task = [_candidates(t)[1] for t in traced]
+        auto = [_candidates(t)[1] for t in traced]
+        per_task = auto
         for t, chosen in zip(traced, per_task):
             if not chosen:
                 raise PointError(
@@ -422,14 +424,18 @@ def _select(points: Points, traced: Sequence[TracedModel]) -> list[list[fx.Node]
                     f"points={points} must be between 1 and {shortest}, the number of automatic "
                     "points every task has."
                 )
-            return [c[-points:] for c in per_task]
-        counts = {t.task: len(c) for t, c in zip(traced, per_task)}
-        if len(set(counts.values())) > 1:
-            raise PointError(
-                f"the tasks have different numbers of automatic points {counts}; pass points=N "
-                "to fuse the last N of each, or one list of names per task."
-            )
-        return per_task
+            per_task = [c[-points:] for c in per_task]
+        else:
+            counts = {t.task: len(c) for t, c in zip(traced, per_task)}
+            if len(set(counts.values())) > 1:
+                raise PointError(
+                    f"the tasks have different numbers of automatic points {counts}; pass "
+                    "points=N to fuse the last N of each, or one list of names per task."
+                )
+        return [
+            [(n, stage_module(n, points_of_task, t.graph)) for n in chosen]
+            for t, chosen, points_of_task in zip(traced, per_task, auto)
+        ]
     if isinstance(points, str):
         points = [p.strip() for p in points.split(",") if p.strip()]
     if isinstance(points, Mapping):
@@ -454,7 +460,7 @@ def _select(points: Points, traced: Sequence[TracedModel]) -> list[list[fx.Node]
             f"every task needs the same number of fusion points, got {lengths}; one NDDR layer "
             "fuses one point of each task."
         )
-    return [_resolve(p, t) for p, t in zip(lists, traced)]
+    return [list(zip(_resolve(p, t), p)) for p, t in zip(lists, traced)]
 
 
 def build_plan(
@@ -469,18 +475,17 @@ def build_plan(
     """Make the :class:`Plan` for already traced models (what :func:`plan` does after tracing)."""
     fusion = fusion or NDDR()
     chosen = _select(points, traced)
-    auto_points = [_candidates(t)[1] for t in traced]
     levels = []
-    for index, nodes in enumerate(zip(*chosen)):
+    for index, level_points in enumerate(zip(*chosen)):
         fusion_points = tuple(
             FusionPoint(
                 task=t.task,
-                name=stage_module(n, auto, t.graph) if n in auto else n.meta[QUALNAME],
+                name=label,
                 node=n.meta[QUALNAME],
                 shape=shape_of(n),
                 nonnegative=bool(n.meta.get(NONNEGATIVE)),
             )
-            for t, n, auto in zip(traced, nodes, auto_points)
+            for t, (n, label) in zip(traced, level_points)
         )
         sizes = {p.spatial for p in fusion_points}
         if len(sizes) > 1 and not resize:

@@ -27,7 +27,6 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.graph_module import _copy_attr
 
-from .graph_analysis import GUARD_FUNCTIONS
 from .planning import Plan
 from .tracing import QUALNAME
 
@@ -64,20 +63,6 @@ def _identifier(name: str) -> str:
     return re.sub(r"\W", "_", name)
 
 
-def _guards(graph: fx.Graph) -> set[fx.Node]:
-    """fx's checks on specialised forward arguments, and the comparisons that feed only them."""
-    guards = {
-        n
-        for n in graph.nodes
-        if n.op == "call_function" and n.target in GUARD_FUNCTIONS - {operator.eq}
-    }
-    for node in reversed(graph.nodes):
-        feeds_guards_only = node.users and all(u in guards for u in node.users)
-        if node.op == "call_function" and node.target is operator.eq and feeds_guards_only:
-            guards.add(node)
-    return guards
-
-
 def _task_graph(plan: Plan, task: int, train: bool) -> fx.Graph:
     traced = plan._traced[task]
     if train and traced.train_graph_module is not None:
@@ -99,17 +84,12 @@ def _build_graph(plan: Plan, shortcut: bool, as_dict: bool, train: bool) -> fx.G
         by_name = {n.meta.get(QUALNAME): n for n in task_graph.nodes}
         task_points = [by_name[name] for name in plan.points(task)]
         points.append(task_points)
-        guards = _guards(task_graph)
         split: list[list[fx.Node]] = [[] for _ in range(len(task_points) + 1)]
         level = 0
-        placeholders = 0
         for node in task_graph.nodes:
             if node.op == "placeholder":
-                envs[k][node] = (
-                    image if placeholders == 0 else (node.args[0] if node.args else None)
-                )
-                placeholders += 1
-            elif node.op != "output" and node not in guards:
+                envs[k][node] = image
+            elif node.op != "output":
                 split[level].append(node)
             if level < len(task_points) and node is task_points[level]:
                 level += 1

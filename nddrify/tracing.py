@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 import torchvision
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 from torchvision.models.feature_extraction import NodePathTracer
 
@@ -220,7 +221,50 @@ def _trace_graph(
         ) from err
     for node in graph.nodes:
         node.meta[QUALNAME] = tracer.node_to_qualname.get(node, node.op)
+    _inline_fixed_arguments(graph, list(inspect.signature(model.forward).parameters), concrete_args)
     return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+
+
+_GUARDS = {torch._assert, torch.fx._symbolic_trace._assert_is_none}
+
+
+def _inline_fixed_arguments(
+    graph: fx.Graph, parameter_names: list[str], concrete_args: dict[str, Any]
+) -> None:
+    """Replace the placeholders of fixed forward arguments by their values and drop the guards fx
+    adds for them, so the graph takes the image alone."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node, name in zip(placeholders[1:], parameter_names[1:]):
+        value = concrete_args.get(name, node.args[0] if node.args else None)
+        for user in list(node.users):
+            user.args = fx.map_arg(
+                user.args, lambda n, node=node, value=value: value if n is node else n
+            )
+            user.kwargs = fx.map_arg(
+                user.kwargs, lambda n, node=node, value=value: value if n is node else n
+            )
+        graph.erase_node(node)
+    for node in reversed(graph.nodes):
+        is_guard = node.op == "call_function" and node.target in _GUARDS
+        constant = all(not arg.all_input_nodes for arg in node.all_input_nodes)
+        if is_guard and constant:
+            inputs = node.all_input_nodes
+            graph.erase_node(node)
+            for arg in inputs:
+                if not arg.users:
+                    graph.erase_node(arg)
+
+
+def _propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
+    """ShapeProp on fake tensors (no compute, no memory), falling back to real ones for the rare
+    op that has no fake implementation."""
+    gm.eval()
+    with torch.no_grad():
+        try:
+            fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+            ShapeProp(gm, fake_mode=fake_mode).propagate(example_input)
+        except Exception:
+            ShapeProp(gm).propagate(example_input)
 
 
 def trace_model(
@@ -274,8 +318,7 @@ def trace_model(
     if placement is not None:
         example_input = example_input.to(*placement)
     try:
-        with torch.no_grad():
-            ShapeProp(eval_gm).propagate(example_input)
+        _propagate_shapes(eval_gm, example_input)
     except Exception as err:
         raise TraceError(
             f"task {task!r}: the traced model failed on an example input of shape "
