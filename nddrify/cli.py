@@ -229,7 +229,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from . import fuse, overhead, plan, task_state_dict
 
-    console = Console()
+    console = Console(soft_wrap=True)
     torch.manual_seed(0)
     models = {"seg": load_spec(args.model), "normal": load_spec(args.model)}
     for model in models.values():

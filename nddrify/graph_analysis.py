@@ -499,19 +499,67 @@ def _is_dilated(node: fx.Node) -> bool:
 
 
 def _outermost_ended(node: fx.Node, modules: _Modules) -> str | None:
-    ended = modules.ending_at(node)
-    return ended[0] if ended else None
+    """The outermost module that ends at ``node`` or at the no-ops right after it."""
+    ended = list(modules.ending_at(node))
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if not _is_noop(user) or _tensor_inputs(user) != [node]:
+            break
+        ended += modules.ending_at(user)
+        node = user
+    return min(ended, key=lambda m: m.count(".")) if ended else None
+
+
+def _has_skip_merge(module: str, modules: _Modules) -> bool:
+    """True when ``module`` holds a block with a skip connection: a sum, product or concat of
+    feature maps one of which feeds the other (a residual or dense block), as opposed to a plain
+    conv chain or parallel conv branches summed together."""
+    lo, hi = modules.order[modules.first[module]], modules.order[modules.last[module]]
+    for node in modules.first[module].graph.nodes:
+        i = modules.order[node]
+        if i < lo:
+            continue
+        if i > hi:
+            break
+        inputs = [n for n in _tensor_inputs(node) if is_feature_map(n)]
+        if len(inputs) < 2 or not (_is_add(node) or _is_merge(node)):
+            continue
+        for later in inputs:
+            seen, stack = set(), [later]
+            while stack:
+                current = stack.pop()
+                if current in seen or modules.order.get(current, -1) < lo - 1:
+                    continue
+                seen.add(current)
+                if current is not later and current in inputs:
+                    return True
+                stack.extend(current.all_input_nodes)
+    return False
+
+
+def _is_merge(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in {operator.mul, torch.mul, torch.cat, torch.concat}
+    return node.op == "call_method" and node.target in {"mul", "mul_"}
 
 
 def _is_inner_part(node: fx.Node, final: fx.Node, modules: _Modules) -> bool:
     """True when ``node`` ends only a piece of a module that stops short of the final stage
-    (a conv inside a multi-conv stem, the leading pool of a stage): the outermost module ending at
-    ``node`` sits in a parent other than the root that does not reach the final stage end."""
+    (a conv inside a multi-conv stem, the pool that opens a stage): the outermost module ending
+    at ``node`` (for a pool, the pool itself) sits in a parent other than the root that does not
+    reach the final stage end, and is not itself a block with a skip connection."""
     outer = _outermost_ended(node, modules)
+    if _is_pool(node) and node.op == "call_module":
+        outer = str(node.target)
+        parent = _parent(outer)
+        if parent and modules.first.get(parent) is node and modules.last.get(parent) is not node:
+            return True  # the pool that opens a stage (VoVNet's ``stages.1.pool``)
     if outer is None:
         return False
     parent = _parent(outer)
-    return parent != "" and parent not in modules.ancestors(final)
+    if parent == "" or parent in modules.ancestors(final):
+        return False
+    return not _has_skip_merge(outer, modules)
 
 
 def _collect_stage_ends(
@@ -545,7 +593,13 @@ def _collect_stage_ends(
             if not accept(candidate) and area_b < area_a:
                 candidate = _stage_end(run_before(i), b, modules)
         elif area_b < area_a:
-            candidate = _stage_end(run_before(i), _first_downsampling(a, b, modules), modules)
+            transition = _first_downsampling(a, b, modules)
+            run = run_before(i)
+            candidate = _stage_end(run, transition, modules)
+            while not accept(candidate) and candidate in run[:-1]:
+                # A piece of a stem won; look for a stage end after it.
+                run = run[run.index(candidate) + 1 :]
+                candidate = _stage_end(run, transition, modules)
         elif area_b == area_a and dilated:
             projection = _projection(a, b, modules)
             if projection is not None:

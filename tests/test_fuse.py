@@ -180,7 +180,7 @@ def test_checkpoints_carry_over_and_task_state_dict_round_trips() -> None:
     for key, value in fresh.state_dict().items():
         assert torch.equal(value, checkpoint[key])
     assert sorted(nddrify.task_state_dict(fused, 1)) == sorted(tv.resnet18().state_dict())
-    with pytest.raises(nddrify.ModelsError, match="no task 'sky'.*'seg', 'depth'"):
+    with pytest.raises(nddrify.ModelsError, match=r"no task 'sky'.*'seg', 'depth'"):
         nddrify.task_state_dict(fused, "sky")
 
 

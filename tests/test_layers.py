@@ -1,0 +1,160 @@
+"""NDDR and NDDR-Shortcut layers, checked against hand computations on small tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nddrify
+from nddrify.layers import NDDRLayer, NDDRShortcutLayer, default_init, resize_bilinear
+
+
+def _blocks(layer: NDDRLayer, task: int) -> list[torch.Tensor]:
+    weight = layer.convs[task].weight[:, :, 0, 0]
+    return list(weight.split(layer.in_channels, dim=1))
+
+
+def test_diagonal_init_two_tasks() -> None:
+    layer = NDDRLayer([3, 3], init=(0.9, 0.1), norm=None, activation=None)
+    own, other = _blocks(layer, 0)
+    assert torch.equal(own, 0.9 * torch.eye(3))
+    assert torch.equal(other, 0.1 * torch.eye(3))
+    other, own = _blocks(layer, 1)
+    assert torch.equal(own, 0.9 * torch.eye(3)) and torch.equal(other, 0.1 * torch.eye(3))
+
+
+def test_default_init_rows_sum_to_one_for_more_tasks() -> None:
+    assert default_init(2) == (0.9, 0.1)
+    layer = NDDRLayer([2, 2, 2, 2, 2], norm=None, activation=None)
+    for task in range(5):
+        weight = layer.convs[task].weight[:, :, 0, 0]
+        assert torch.allclose(weight.sum(dim=1), torch.ones(2))
+        assert math.isclose(float(weight[0, 2 * task]), 0.9, rel_tol=1e-6)
+
+
+def test_non_square_blocks_use_identity_on_the_overlap() -> None:
+    layer = NDDRLayer([2, 4], init=(1.0, 0.5), norm=None, activation=None)
+    own, other = _blocks(layer, 0)  # task 0: 2 outputs
+    assert torch.equal(own, torch.eye(2))
+    assert torch.equal(other, 0.5 * torch.eye(2, 4))
+    other, own = _blocks(layer, 1)  # task 1: 4 outputs
+    assert torch.equal(other, 0.5 * torch.eye(4, 2))
+    assert torch.equal(own, torch.eye(4))
+
+
+def test_forward_matches_per_task_convolutions_of_the_concatenation() -> None:
+    layer = NDDRLayer([3, 5], init="xavier", norm="batchnorm", activation="relu").eval()
+    with torch.no_grad():
+        for norm in layer.norms:
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.5, 2)
+            norm.weight.uniform_(0.5, 2)
+            norm.bias.uniform_(-1, 1)
+    a, b = torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4)
+    out_a, out_b = layer(a, b)
+    stacked = torch.cat([a, b], dim=1)
+    for got, conv, norm in zip((out_a, out_b), layer.convs, layer.norms):
+        expected = F.relu(
+            F.batch_norm(
+                F.conv2d(stacked, conv.weight),
+                norm.running_mean,
+                norm.running_var,
+                norm.weight,
+                norm.bias,
+                eps=1e-3,
+            )
+        )
+        assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_batchnorm_follows_the_official_settings() -> None:
+    layer = NDDRLayer([4, 4])
+    assert all(isinstance(n, nn.BatchNorm2d) for n in layer.norms)
+    assert {(n.eps, n.momentum) for n in layer.norms} == {(1e-3, 0.05)}
+    assert all(c.bias is None and c.kernel_size == (1, 1) for c in layer.convs)
+
+
+def test_auto_activation_only_clips_non_negative_features() -> None:
+    layer = NDDRLayer([2, 2], activation="auto", nonnegative=[True, False])
+    assert isinstance(layer.activations[0], nn.ReLU)
+    assert isinstance(layer.activations[1], nn.Identity)
+    layer = NDDRLayer([2, 2], activation=nn.GELU)
+    assert all(isinstance(a, nn.GELU) for a in layer.activations)
+
+
+def test_fuse_auto_activation_follows_the_graph() -> None:
+    import timm
+    import torchvision
+
+    fused = nddrify.fuse([torchvision.models.resnet18(), torchvision.models.resnet18()])
+    assert all(isinstance(a, nn.ReLU) for a in fused.nddr1.activations)  # after ReLU + maxpool
+    fused = nddrify.fuse([timm.create_model("convnext_atto"), timm.create_model("convnext_atto")])
+    assert all(isinstance(a, nn.Identity) for a in fused.nddr1.activations)  # residual sums
+    fused = nddrify.fuse(
+        [timm.create_model("convnext_atto"), timm.create_model("convnext_atto")],
+        activation="relu",
+    )
+    assert all(isinstance(a, nn.ReLU) for a in fused.nddr1.activations)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"init": (float("nan"), 0.1)}, "NaN or inf"),
+        ({"init": (0.9,)}, "init=.*not supported"),
+        ({"init": "orthogonal"}, "init=.*not supported"),
+        ({"norm": "layernorm"}, "norm=.*not supported"),
+        ({"activation": "swish"}, "activation=.*not supported"),
+    ],
+)
+def test_bad_layer_options(kwargs, pattern: str) -> None:
+    with pytest.raises(nddrify.FusionConfigError, match=pattern):
+        NDDRLayer([2, 2], **kwargs)
+
+
+def test_fusion_and_nddr_options_are_exclusive() -> None:
+    from .models import TinyCNN
+
+    with pytest.raises(nddrify.FusionConfigError, match="either fusion"):
+        nddrify.fuse([TinyCNN(), TinyCNN()], fusion=nddrify.NDDR(), norm=None)
+
+
+def test_resize_modes() -> None:
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    assert torch.equal(
+        resize_bilinear(x, (8, 8), "align_corners_true"),
+        F.interpolate(x, size=(8, 8), mode="bilinear", align_corners=True),
+    )
+    assert torch.equal(
+        resize_bilinear(x, (8, 8), "align_corners_false"),
+        F.interpolate(x, size=(8, 8), mode="bilinear", align_corners=False),
+    )
+    # TF1 legacy: source = destination · in/out, no half-pixel offset, clamp at the border.
+    legacy = resize_bilinear(torch.tensor([[[[0.0, 10.0, 20.0]]]]), (1, 5), "tf_legacy")
+    expected = [0.0, 6.0, 12.0, 18.0, 20.0]  # sources 0, .6, 1.2, 1.8, 2.4 (clamped to 2)
+    assert torch.allclose(legacy.flatten(), torch.tensor(expected))
+    with pytest.raises(nddrify.FusionConfigError, match="resize mode"):
+        resize_bilinear(x, (8, 8), "nearest")
+
+
+def test_shortcut_layer_resizes_concatenates_and_reduces() -> None:
+    layer = NDDRShortcutLayer([[2, 3], [4, 5]], norm=None, activation=None)
+    assert [tuple(c.weight.shape) for c in layer.convs] == [(4, 6, 1, 1), (5, 8, 1, 1)]
+    levels = [
+        (torch.randn(1, 2, 8, 8), torch.randn(1, 3, 8, 8)),
+        (torch.randn(1, 4, 4, 4), torch.randn(1, 5, 4, 4)),
+    ]
+    out = layer(levels)
+    small = F.interpolate(levels[0][1], size=(4, 4), mode="bilinear", align_corners=False)
+    expected = F.conv2d(torch.cat([small, levels[1][1]], 1), layer.convs[1].weight)
+    assert torch.allclose(out[1], expected, atol=1e-6)
+    assert nddrify.Shortcut().num_parameters(
+        [[(1, 2, 8, 8), (1, 3, 8, 8)], [(1, 4, 4, 4), (1, 5, 4, 4)]]
+    ) == (
+        4 * 6 + 5 * 8,
+        2 * (4 + 5),
+    )

@@ -1,0 +1,107 @@
+"""Tracing: names, shapes, input sizes, modes, and the errors users see."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import nddrify
+
+from .models import DataDependent, OptionalArgs, TinyCNN
+
+
+def test_node_names_follow_torchvision_and_modules_resolve_to_their_last_node() -> None:
+    traced = nddrify.trace_model(torchvision.models.resnet18())
+    names = traced.node_names
+    assert names[:4] == ["conv1", "bn1", "relu", "maxpool"]
+    assert "layer1.0.relu_1" in names and "layer4.1.add" in names
+    assert traced.node("layer2").meta["qualname"] == "layer2.1.relu_1"
+    assert tuple(traced.node("layer2").meta["tensor_meta"].shape) == (1, 128, 28, 28)
+    with pytest.raises(KeyError):
+        traced.node("layer5")
+
+
+def test_default_input_uses_the_models_declared_size() -> None:
+    model = timm.create_model("swinv2_tiny_window8_256")
+    assert tuple(nddrify.default_example_input(model).shape) == (1, 3, 256, 256)
+    assert tuple(nddrify.default_example_input(TinyCNN()).shape) == (1, 3, 224, 224)
+
+
+def test_timm_models_trace_with_the_notrace_registry() -> None:
+    traced = nddrify.trace_model(timm.create_model("convnext_atto"))
+    assert traced.node("stages.3").meta["tensor_meta"].shape[1] == 320
+
+
+def test_tracing_leaves_the_model_untouched() -> None:
+    model = TinyCNN().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    traced = nddrify.trace_model(model)
+    assert model.training is False
+    assert traced.module is not model
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_untraceable_model_names_task_module_and_fixes() -> None:
+    with pytest.raises(nddrify.TraceError) as err:
+        nddrify.fuse({"seg": DataDependent(), "depth": DataDependent()})
+    message = str(err.value)
+    assert "task 'seg'" in message
+    assert "in module 'gate' (Gate)" in message
+    assert "leaf_modules=[ItsClass]" in message and "autowrap_functions" in message
+    assert "concrete_args" in message
+    assert isinstance(err.value.__cause__, Exception)  # the fx error is attached
+    # The suggested fix works.
+    fused = nddrify.fuse([DataDependent(), DataDependent()], leaf_modules=[DataDependent.Gate])
+    assert "self.task0.gate" in fused.code
+
+
+def test_forward_needing_extra_arguments() -> None:
+    class TwoInputs(nn.Module):
+        def forward(self, x, depth):
+            return x + depth
+
+    with pytest.raises(
+        nddrify.ModelsError, match=r"needs the argument\(s\) \['depth'\].*concrete_args"
+    ):
+        nddrify.fuse([TwoInputs(), TwoInputs()])
+    with pytest.raises(nddrify.ModelsError, match="does not take"):
+        nddrify.fuse([OptionalArgs(), OptionalArgs()], concrete_args={"maks": None})
+
+
+@pytest.mark.parametrize(
+    ("models", "pattern"),
+    [
+        ([TinyCNN()], "at least two tasks"),
+        (TinyCNN(), "single TinyCNN"),
+        ([TinyCNN(), "resnet"], "task 'task1' is a str"),
+        ({"x": TinyCNN(), "b": TinyCNN()}, "task name 'x' cannot be used"),
+        ({"nddr1": TinyCNN(), "b": TinyCNN()}, "task name 'nddr1' cannot be used"),
+        ([TinyCNN(), TinyCNN().double()], "different devices or dtypes.*task1: cpu/float64"),
+        (42, "list or dict"),
+    ],
+)
+def test_bad_models(models, pattern: str) -> None:
+    with pytest.raises(nddrify.ModelsError, match=pattern):
+        nddrify.fuse(models)
+
+
+def test_bad_example_input() -> None:
+    with pytest.raises(nddrify.ModelsError, match="4-D N×C×H×W"):
+        nddrify.fuse([TinyCNN(), TinyCNN()], example_input=torch.randn(3, 32, 32))
+    with pytest.raises(nddrify.TraceError, match="failed on an example input of shape"):
+        nddrify.fuse([TinyCNN(), TinyCNN()], example_input=torch.randn(1, 4, 32, 32))
+
+
+def test_all_errors_share_one_base_class() -> None:
+    for name in (
+        "ModelsError",
+        "TraceError",
+        "PointError",
+        "ShapeMismatchError",
+        "FusionConfigError",
+        "SpecError",
+    ):
+        assert issubclass(getattr(nddrify, name), nddrify.NddrifyError)
