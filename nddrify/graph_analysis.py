@@ -339,7 +339,10 @@ class _Modules:
         self.first: dict[str, fx.Node] = {}
         self.last: dict[str, fx.Node] = {}
         self.size: dict[str, int] = {}
+        self.calls: dict[str, int] = {}  # how often each leaf module is called
         for node in graph.nodes:
+            if node.op == "call_module":
+                self.calls[str(node.target)] = self.calls.get(str(node.target), 0) + 1
             if node.op in ("placeholder", "output"):
                 continue
             for module in self.ancestors(node):
@@ -554,6 +557,8 @@ def _is_inner_part(node: fx.Node, final: fx.Node, modules: _Modules) -> bool:
         parent = _parent(outer)
         if parent and modules.first.get(parent) is node and modules.last.get(parent) is not node:
             return True  # the pool that opens a stage (VoVNet's ``stages.1.pool``)
+        if modules.calls.get(outer, 0) > 1:
+            return True  # a pool module shared by several stages (a U-Net's ``pool``)
     if outer is None:
         return False
     parent = _parent(outer)

@@ -18,10 +18,12 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import operator
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch.fx as fx
 from torch import nn
@@ -50,6 +52,16 @@ class DualModeGraphModule(fx.GraphModule):
                 _copy_attr(root, self, node.target)
         self.train_graph = train_graph
         self.eval_graph = eval_graph
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> DualModeGraphModule:
+        root = nn.Module()
+        for name, child in self.named_children():
+            root.add_module(name, copy.deepcopy(child, memo))
+        copied = DualModeGraphModule(
+            root, copy.deepcopy(self.train_graph, memo), copy.deepcopy(self.eval_graph, memo)
+        )
+        copied.meta = copy.deepcopy(self.meta, memo)
+        return copied.train(self.training)
 
     def train(self, mode: bool = True) -> DualModeGraphModule:
         super().train(mode)
@@ -169,11 +181,14 @@ def rewrite(
         raise ValueError(f"need {len(plan.levels)} fusion layers, got {len(fusion_layers)}")
     root = nn.Module()
     for task, traced in zip(plan.tasks, plan._traced):
-        root.add_module(task, traced.module)
+        # The fused model owns copies of the weights; submodule train/eval flags come along.
+        root.add_module(task, copy.deepcopy(traced.module))
+    mode = plan._traced[0].module.training
     for index, layer in enumerate(fusion_layers):
+        layer.train(mode)
         root.add_module(f"nddr{index + 1}", layer)
     if shortcut_layer is not None:
-        root.add_module("shortcut", shortcut_layer)
+        root.add_module("shortcut", shortcut_layer.train(mode))
 
     has_shortcut = shortcut_layer is not None
     eval_graph = _build_graph(plan, has_shortcut, as_dict, train=False)
@@ -182,6 +197,12 @@ def rewrite(
         fused: fx.GraphModule = DualModeGraphModule(root, train_graph, eval_graph)
     else:
         fused = fx.GraphModule(root, eval_graph, _CLASS_NAME)
+    for task in plan.tasks:
+        # GraphModule copies only the modules the graph calls, into plain containers; keep each
+        # task's whole model instead (fused.seg is the seg model's class, fused.seg(x) runs it).
+        setattr(fused, task, getattr(root, task))
     fused.meta[PLAN_META_KEY] = dataclasses.replace(plan, _traced=())
-    fused.train(plan._traced[0].module.training)
+    fused.training = mode  # not .train(mode): that would overwrite the tasks' own submodule flags
+    if isinstance(fused, DualModeGraphModule):
+        fused.graph = fused.train_graph if mode else fused.eval_graph
     return fused

@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -35,7 +34,14 @@ from torchvision.models.feature_extraction import NodePathTracer
 
 from .errors import ModelsError, TraceError
 
-__all__ = ["TracedModel", "trace_model", "default_example_input", "QUALNAME"]
+__all__ = [
+    "TracedModel",
+    "trace_model",
+    "default_example_input",
+    "module_modes",
+    "restore_module_modes",
+    "QUALNAME",
+]
 
 #: ``node.meta`` key holding the torchvision-style node name (``"layer1.0.relu"``).
 QUALNAME = "qualname"
@@ -47,7 +53,8 @@ class TracedModel:
 
     Attributes:
         task: the task's name (``"task0"`` or the key of a ``models`` dict).
-        module: a private deep copy of the user's model; both graphs call into it.
+        module: the user's model (never modified); both graphs call into it. The rewriter
+            copies it, so the fused model owns its own weights.
         graph_module: the eval-mode graph, with ``meta["qualname"]`` and ``meta["tensor_meta"]`` on
             every node. Planning reads this graph.
         train_graph_module: the train-mode graph when it differs from the eval one, else ``None``.
@@ -255,16 +262,34 @@ def _inline_fixed_arguments(
                     graph.erase_node(arg)
 
 
-def _propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
-    """ShapeProp on fake tensors (no compute, no memory), falling back to real ones for the rare
-    op that has no fake implementation."""
-    gm.eval()
+def _propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor, task: str) -> None:
+    """ShapeProp on fake tensors (no compute, no memory), falling back to real ones (in eval mode,
+    without gradients) for the rare op that has no fake implementation."""
     with torch.no_grad():
         try:
             fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
             ShapeProp(gm, fake_mode=fake_mode).propagate(example_input)
+            return
         except Exception:
+            pass
+        try:
             ShapeProp(gm).propagate(example_input)
+        except Exception as err:
+            raise TraceError(
+                f"task {task!r}: the traced model failed on an example input of shape "
+                f"{tuple(example_input.shape)}: {err}\nHow to fix: pass example_input= with a size "
+                "the model accepts (e.g. its training resolution)."
+            ) from err
+
+
+def module_modes(model: nn.Module) -> dict[str, bool]:
+    """The train/eval flag of every submodule (models may mix them, e.g. frozen BatchNorm)."""
+    return {name: m.training for name, m in model.named_modules()}
+
+
+def restore_module_modes(model: nn.Module, modes: dict[str, bool]) -> None:
+    for name, module in model.named_modules():
+        module.training = modes.get(name, module.training)
 
 
 def trace_model(
@@ -276,7 +301,10 @@ def trace_model(
     autowrap_functions: Iterable[Callable] = (),
     concrete_args: Mapping[str, Any] | None = None,
 ) -> TracedModel:
-    """Trace a private copy of ``model`` in train and eval mode and propagate shapes.
+    """Trace ``model`` in train and eval mode and propagate shapes.
+
+    The model comes back as it was: its weights are never touched (shapes are propagated on fake
+    tensors) and every submodule's train/eval flag is restored.
 
     Args:
         model: any ``nn.Module`` whose forward takes the image as first argument. It is not
@@ -295,14 +323,6 @@ def trace_model(
     if not isinstance(model, nn.Module):
         raise ModelsError(f"task {task!r}: expected an nn.Module, got {type(model).__name__}.")
     _, fixed_args = _forward_concrete_args(model, task, concrete_args)
-    module = copy.deepcopy(model)
-    tracer_kwargs = _tracer_kwargs(leaf_modules, autowrap_functions)
-
-    module.train(True)
-    train_gm = _trace_graph(module, task, fixed_args, tracer_kwargs)
-    module.train(False)
-    eval_gm = _trace_graph(module, task, fixed_args, tracer_kwargs)
-
     if example_input is None:
         example_input = default_example_input(model)
     if not isinstance(example_input, torch.Tensor):
@@ -314,23 +334,25 @@ def trace_model(
             f"task {task!r}: example_input has shape {tuple(example_input.shape)}; nddrify fuses "
             "image models and needs a 4-D N×C×H×W batch, e.g. torch.randn(1, 3, 224, 224)."
         )
-    placement = _parameter_device_dtype(module)
+    placement = _parameter_device_dtype(model)
     if placement is not None:
         example_input = example_input.to(*placement)
+    tracer_kwargs = _tracer_kwargs(leaf_modules, autowrap_functions)
+
+    modes = module_modes(model)
     try:
-        _propagate_shapes(eval_gm, example_input)
-    except Exception as err:
-        raise TraceError(
-            f"task {task!r}: the traced model failed on an example input of shape "
-            f"{tuple(example_input.shape)}: {err}\nHow to fix: pass example_input= with a size the "
-            "model accepts (e.g. its training resolution)."
-        ) from err
-    module.train(model.training)
+        model.train(True)
+        train_gm = _trace_graph(model, task, fixed_args, tracer_kwargs)
+        model.train(False)
+        eval_gm = _trace_graph(model, task, fixed_args, tracer_kwargs)
+        _propagate_shapes(eval_gm, example_input, task)
+    finally:
+        restore_module_modes(model, modes)
 
     same = train_gm.code == eval_gm.code
     return TracedModel(
         task=task,
-        module=module,
+        module=model,
         graph_module=eval_gm,
         train_graph_module=None if same else train_gm,
         example_input=example_input,

@@ -146,8 +146,8 @@ def overhead(fused_or_plan: nn.Module | Plan) -> Overhead:
 def task_state_dict(fused: nn.Module, task: str | int) -> OrderedDict[str, torch.Tensor]:
     """One task's weights from a fused model, under the original model's key names.
 
-    Load them back with ``model.load_state_dict(sd, strict=False)``: modules the traced forward
-    never calls (an unused ``fc``, say) are not part of the fused model and are absent here.
+    The fused model keeps each task's whole model (``fused.seg`` is the original class), so the
+    keys are exactly the original ``state_dict``'s and ``model.load_state_dict(sd)`` is strict.
 
     Example:
         >>> import torchvision, nddrify

@@ -218,6 +218,27 @@ def test_train_and_eval_graphs_differ_for_googlenet_aux_heads() -> None:
     assert [t.shape for t in train_out[1]] == [(2, 1000)] * 3
 
 
+def test_deepcopy_keeps_weights_plan_and_both_modes() -> None:
+    models = [FunctionalDropout(), FunctionalDropout()]
+    x = torch.randn(4, 3, 32, 32)
+    for fused in (
+        nddrify.fuse([TinyCNN(), TinyCNN()], example_input=x[:1]),
+        nddrify.fuse(models, example_input=x[:1]),
+    ):
+        twin = copy.deepcopy(fused).eval()
+        fused.eval()
+        assert isinstance(twin, DualModeGraphModule) == isinstance(fused, DualModeGraphModule)
+        assert twin.meta["nddrify_plan"] == fused.meta["nddrify_plan"]
+        for got, want in zip(twin(x), fused(x)):
+            assert torch.equal(got, want)
+        with torch.no_grad():
+            next(twin.parameters()).add_(1)
+        assert not torch.equal(next(twin.parameters()), next(fused.parameters()))
+    assert isinstance(twin, DualModeGraphModule)
+    twin.train()
+    assert (twin(x)[0] == 0).float().mean() > 0.2  # the copy still switches graphs
+
+
 def test_functional_dropout_follows_the_mode() -> None:
     models = [FunctionalDropout(), FunctionalDropout()]
     x = torch.randn(4, 3, 32, 32)

@@ -35,13 +35,17 @@ def test_timm_models_trace_with_the_notrace_registry() -> None:
     assert traced.node("stages.3").meta["tensor_meta"].shape[1] == 320
 
 
-def test_tracing_leaves_the_model_untouched() -> None:
-    model = TinyCNN().eval()
+def test_tracing_leaves_the_model_untouched_mixed_modes_included() -> None:
+    model = TinyCNN().train()
+    model.stem[1].eval()  # a frozen BatchNorm inside a training model
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    traced = nddrify.trace_model(model)
-    assert model.training is False
-    assert traced.module is not model
+    nddrify.trace_model(model)
+    assert model.training is True and model.stem[1].training is False and model.fc.training
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    fused = nddrify.fuse([model, TinyCNN()], example_input=torch.randn(1, 3, 32, 32))
+    assert fused.training is True and fused.nddr1.training is True
+    assert fused.task0.stem[1].training is False  # the frozen BatchNorm stays frozen
+    assert fused.task1.stem[1].training is True
 
 
 def test_untraceable_model_names_task_module_and_fixes() -> None:
