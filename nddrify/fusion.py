@@ -148,9 +148,11 @@ def fuse(
     )
     placement = _placement(modules)
     layers = [
-        factory([p.shape for p in level.points], [p.nonnegative for p in level.points]).to(
-            **placement
-        )
+        factory(
+            [p.shape for p in level.points],
+            [p.nonnegative for p in level.points],
+            [p.layout == "NHWC" for p in level.points],
+        ).to(**placement)
         for level in fusion_plan.levels
     ]
     shortcut_layer = None
@@ -159,5 +161,6 @@ def fuse(
         shortcut_layer = shortcut_factory(
             [[p.shape for p in level.points] for level in fusion_plan.levels],
             [p.nonnegative for p in last],
+            [[p.layout == "NHWC" for p in level.points] for level in fusion_plan.levels],
         ).to(**placement)
     return rewrite(fusion_plan, layers, shortcut_layer, as_dict=as_dict)

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Iterable, Sequence
 
@@ -40,17 +41,20 @@ __all__ = [
     "annotate",
     "shape_of",
     "is_feature_map",
+    "feature_shape",
     "spine",
     "stage_ends",
     "stage_module",
 ]
 
-#: ``node.meta`` key: ``True`` when the node's value is an N×C×H×W tensor.
-LAYOUT = "nddrify_nchw"
+#: ``node.meta`` key: ``"NCHW"`` or ``"NHWC"`` for image feature maps, else ``None``.
+LAYOUT = "nddrify_layout"
 #: ``node.meta`` key: ``True`` when the node's value is known to be ≥ 0 (after a ReLU, say).
 NONNEGATIVE = "nddrify_nonnegative"
 
 _NCHW = (0, 1, 2, 3)
+_NHWC = (0, 2, 3, 1)  # the actual dims of a channels-last map, as logical (N, C, H, W) indices
+_LAYOUT_NAMES = {_NCHW: "NCHW", _NHWC: "NHWC"}
 
 _NCHW_MODULES: tuple[type, ...] = (
     nn.Conv2d,
@@ -222,10 +226,21 @@ def _layout(node: fx.Node, layouts: dict[fx.Node, tuple[int, ...] | None]):
             return _NCHW
     for source in inputs:
         src = shape_of(source)
-        # A channel-mixing op keeps H×W; a spatial op keeps C. Anything else is unknown.
-        same_batch = layouts.get(source) == _NCHW and src[0] == shape[0]
-        if same_batch and (src[2:] == shape[2:] or src[1] == shape[1]):
+        # A channel-mixing op keeps H×W; a spatial op (pool, slice, pad) keeps C. Anything else
+        # is unknown.
+        if src[0] != shape[0]:
+            continue
+        if layouts.get(source) == _NCHW and (src[2:] == shape[2:] or src[1] == shape[1]):
             return _NCHW
+        if layouts.get(source) == _NHWC and (src[1:3] == shape[1:3] or src[3] == shape[3]):
+            return _NHWC
+        # Space-to-depth (patch merging): the same values per sample, spatial area traded for
+        # channels by the same factor.
+        layout = layouts.get(source)
+        if layout in (_NCHW, _NHWC) and math.prod(src) == math.prod(shape):
+            c_in, c_out = src[layout.index(1)], shape[layout.index(1)]
+            if c_out > c_in and c_out % c_in == 0:
+                return layout
     return None
 
 
@@ -252,15 +267,28 @@ def annotate(graph: fx.Graph) -> fx.Graph:
     for node in graph.nodes:
         layouts[node] = _layout(node, layouts)
         nonneg[node] = _nonnegative(node, nonneg)
-        node.meta[LAYOUT] = layouts[node] == _NCHW
+        node.meta[LAYOUT] = _LAYOUT_NAMES.get(layouts[node])
         node.meta[NONNEGATIVE] = nonneg[node]
     return graph
 
 
+def feature_shape(node: fx.Node) -> tuple[int, int, int, int] | None:
+    """(N, C, H, W) of an image feature map whatever its memory layout (NCHW or NHWC), else None.
+
+    Needs :func:`annotate` to have run on the graph.
+    """
+    layout, shape = node.meta.get(LAYOUT), shape_of(node)
+    if layout == "NCHW":
+        return shape  # type: ignore[return-value]
+    if layout == "NHWC":
+        return (shape[0], shape[3], shape[1], shape[2])
+    return None
+
+
 def is_feature_map(node: fx.Node) -> bool:
-    """True for N×C×H×W tensors with more than one spatial position."""
-    shape = shape_of(node)
-    return bool(node.meta.get(LAYOUT)) and shape is not None and shape[2] * shape[3] > 1
+    """True for image feature maps (NCHW or NHWC) with more than one spatial position."""
+    shape = feature_shape(node)
+    return shape is not None and shape[2] * shape[3] > 1
 
 
 def _image_input(graph: fx.Graph) -> fx.Node:
@@ -271,7 +299,7 @@ def _deepest_feature_map(graph: fx.Graph, reachable: set[fx.Node]) -> fx.Node | 
     best, best_area = None, None
     for node in graph.nodes:
         if node in reachable and node.op != "placeholder" and is_feature_map(node):
-            shape = shape_of(node)
+            shape = feature_shape(node)
             area = shape[2] * shape[3]
             if best_area is None or area <= best_area:
                 best, best_area = node, area
@@ -454,7 +482,7 @@ def _is_add(node: fx.Node) -> bool:
 def _projection(start: fx.Node, end: fx.Node, modules: _Modules) -> fx.Node | None:
     """The first parametrised node of a residual block whose shortcut is a projection (two or more
     parametrised paths from ``start`` summed into ``end``) and that changes the width, else None."""
-    if shape_of(start)[1] == shape_of(end)[1] or not _is_add(end):
+    if feature_shape(start)[1] == feature_shape(end)[1] or not _is_add(end):
         return None
     region = _region(start, end, modules)
     users = [u for u in start.users if u in set(region)]
@@ -472,10 +500,10 @@ def _projection(start: fx.Node, end: fx.Node, modules: _Modules) -> fx.Node | No
 
 
 def _first_downsampling(start: fx.Node, end: fx.Node, modules: _Modules) -> fx.Node:
-    area = shape_of(start)[2] * shape_of(start)[3]
+    area = feature_shape(start)[2] * feature_shape(start)[3]
     for node in _region(start, end, modules):
-        shape = shape_of(node)
-        if shape is not None and len(shape) == 4 and shape[2] * shape[3] < area:
+        shape = feature_shape(node)
+        if shape is not None and shape[2] * shape[3] < area:
             return node
     return end
 
@@ -574,10 +602,12 @@ def _collect_stage_ends(
 
     def run_before(index: int) -> list[fx.Node]:
         """Spine nodes at the resolution of ``nodes[index]`` since the last stage end."""
-        shape = shape_of(nodes[index])[2:]
+        shape = feature_shape(nodes[index])[2:]
         start = index
         while (
-            start > 0 and shape_of(nodes[start - 1])[2:] == shape and nodes[start - 1] not in points
+            start > 0
+            and feature_shape(nodes[start - 1])[2:] == shape
+            and nodes[start - 1] not in points
         ):
             start -= 1
         return list(nodes[start : index + 1])
@@ -589,8 +619,8 @@ def _collect_stage_ends(
 
     for i in range(len(nodes) - 1):
         a, b = nodes[i], nodes[i + 1]
-        area_a = shape_of(a)[2] * shape_of(a)[3]
-        area_b = shape_of(b)[2] * shape_of(b)[3]
+        area_a = feature_shape(a)[2] * feature_shape(a)[3]
+        area_b = feature_shape(b)[2] * feature_shape(b)[3]
         direct_pool = _is_pool(b) and bool(b.args) and b.args[0] is a
         candidate = None
         if direct_pool:

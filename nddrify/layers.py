@@ -49,6 +49,7 @@ Norm = Literal["batchnorm"] | Callable[[int], nn.Module] | None
 #: ``"auto"`` (ReLU where the fused feature was non-negative), ``"relu"``, ``None`` or a callable.
 Activation = Literal["auto", "relu"] | Callable[[], nn.Module] | None
 ResizeMode = Literal["align_corners_false", "align_corners_true", "tf_legacy"]
+_RESIZE_MODES = ("align_corners_false", "align_corners_true", "tf_legacy")
 
 _BN_EPS = 1e-3  # TF/slim default of the official code
 _BN_MOMENTUM = 0.05  # TF decay 0.95
@@ -172,6 +173,18 @@ def _resize_asymmetric(x: torch.Tensor, out_size: int, dim: int) -> torch.Tensor
     return x.index_select(dim, low) * (1 - frac) + x.index_select(dim, high) * frac
 
 
+def _to_nchw(
+    features: Sequence[torch.Tensor], channels_last: Sequence[bool]
+) -> tuple[torch.Tensor, ...]:
+    return tuple(f.permute(0, 3, 1, 2) if last else f for f, last in zip(features, channels_last))
+
+
+def _from_nchw(
+    features: Sequence[torch.Tensor], channels_last: Sequence[bool]
+) -> tuple[torch.Tensor, ...]:
+    return tuple(f.permute(0, 2, 3, 1) if last else f for f, last in zip(features, channels_last))
+
+
 class NDDRLayer(FusionLayer):
     """NDDR fusion of K feature maps into K feature maps (one 1×1 conv, norm, activation per task).
 
@@ -185,6 +198,8 @@ class NDDRLayer(FusionLayer):
             (the official code's behaviour); ``None`` never; or a callable returning a module.
         nonnegative: per task, whether the fused feature map was non-negative in the original model.
         resize: resize other tasks' maps to task i's H×W before fusing (for tasks whose maps differ).
+        channels_last: per task, whether its maps are N×H×W×C (Swin-style stages); they are
+            viewed as N×C×H×W for the fusion and returned in their own layout.
 
     Example:
         >>> import torch
@@ -203,9 +218,11 @@ class NDDRLayer(FusionLayer):
         activation: Activation = "auto",
         nonnegative: Sequence[bool] | None = None,
         resize: ResizeMode | None = None,
+        channels_last: Sequence[bool] | None = None,
     ) -> None:
         super().__init__()
         self.in_channels = tuple(int(c) for c in in_channels)
+        self.channels_last = tuple(bool(c) for c in channels_last or (False,) * len(in_channels))
         if len(self.in_channels) < 2:
             raise FusionConfigError(f"NDDR fuses at least two tasks, got {len(self.in_channels)}.")
         nonnegative = tuple(nonnegative) if nonnegative is not None else (False,) * len(in_channels)
@@ -229,6 +246,7 @@ class NDDRLayer(FusionLayer):
                 norm.reset_parameters()
 
     def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = _to_nchw(features, self.channels_last)
         if self.resize is None:
             stacked = torch.cat(features, dim=1)
             # One convolution over the stacked weights computes every task's 1×1 conv at once.
@@ -240,10 +258,12 @@ class NDDRLayer(FusionLayer):
                 size = own.shape[-2:]
                 stacked = torch.cat([resize_bilinear(f, size, self.resize) for f in features], 1)
                 mixed.append(conv(stacked))
-        return tuple(act(norm(x)) for x, norm, act in zip(mixed, self.norms, self.activations))
+        outputs = [act(norm(x)) for x, norm, act in zip(mixed, self.norms, self.activations)]
+        return _from_nchw(outputs, self.channels_last)
 
     def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}"
+        layouts = "" if not any(self.channels_last) else f", channels_last={self.channels_last}"
+        return f"in_channels={self.in_channels}{layouts}"
 
 
 class NDDRShortcutLayer(FusionLayer):
@@ -270,10 +290,19 @@ class NDDRShortcutLayer(FusionLayer):
         activation: Activation = "auto",
         nonnegative: Sequence[bool] | None = None,
         resize_mode: ResizeMode = "align_corners_false",
+        channels_last: Sequence[Sequence[bool]] | None = None,
     ) -> None:
         super().__init__()
+        if resize_mode not in _RESIZE_MODES:
+            raise FusionConfigError(
+                f"resize_mode={resize_mode!r} is unknown; use one of {_RESIZE_MODES}."
+            )
         channels = [tuple(int(c) for c in level) for level in level_channels]
         num_tasks = len(channels[-1])
+        self.channels_last = tuple(
+            tuple(bool(c) for c in level)
+            for level in (channels_last or [(False,) * num_tasks] * len(channels))
+        )
         nonnegative = tuple(nonnegative) if nonnegative is not None else (False,) * num_tasks
         self.resize_mode = resize_mode
         self.convs = nn.ModuleList()
@@ -289,6 +318,7 @@ class NDDRShortcutLayer(FusionLayer):
             self.activations.append(_make_activation(activation, nonnegative[task]))
 
     def forward(self, levels: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+        levels = [_to_nchw(level, last) for level, last in zip(levels, self.channels_last)]
         outputs = []
         for task, (conv, norm, act) in enumerate(zip(self.convs, self.norms, self.activations)):
             size = levels[-1][task].shape[-2:]
@@ -296,7 +326,7 @@ class NDDRShortcutLayer(FusionLayer):
                 [resize_bilinear(level[task], size, self.resize_mode) for level in levels], dim=1
             )
             outputs.append(act(norm(conv(stacked))))
-        return tuple(outputs)
+        return _from_nchw(outputs, self.channels_last[-1])
 
 
 def _norm_params(norm: Norm, channels: int) -> int:
@@ -326,8 +356,12 @@ class NDDR:
     resize: ResizeMode | None = None
 
     def __call__(
-        self, shapes: Sequence[Sequence[int]], nonnegative: Sequence[bool] | None = None
+        self,
+        shapes: Sequence[Sequence[int]],
+        nonnegative: Sequence[bool] | None = None,
+        channels_last: Sequence[bool] | None = None,
     ) -> NDDRLayer:
+        """Build one level's layer for maps of these (N, C, H, W) shapes, one per task."""
         return NDDRLayer(
             [s[1] for s in shapes],
             init=self.init,
@@ -335,6 +369,7 @@ class NDDR:
             activation=self.activation,
             nonnegative=nonnegative,
             resize=self.resize,
+            channels_last=channels_last,
         )
 
     def num_parameters(self, shapes: Sequence[Sequence[int]]) -> tuple[int, int]:
@@ -365,13 +400,16 @@ class Shortcut:
         self,
         level_shapes: Sequence[Sequence[Sequence[int]]],
         nonnegative: Sequence[bool] | None = None,
+        channels_last: Sequence[Sequence[bool]] | None = None,
     ) -> NDDRShortcutLayer:
+        """Build the shortcut for these levels of (N, C, H, W) shapes (level × task)."""
         return NDDRShortcutLayer(
             [[s[1] for s in level] for level in level_shapes],
             norm=self.norm,
             activation=self.activation,
             nonnegative=nonnegative,
             resize_mode=self.resize_mode,
+            channels_last=channels_last,
         )
 
     def num_parameters(self, level_shapes: Sequence[Sequence[Sequence[int]]]) -> tuple[int, int]:

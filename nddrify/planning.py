@@ -27,8 +27,10 @@ from torch import nn
 
 from .errors import ModelsError, PointError, ShapeMismatchError
 from .graph_analysis import (
+    LAYOUT,
     NONNEGATIVE,
     annotate,
+    feature_shape,
     is_feature_map,
     shape_of,
     spine,
@@ -62,7 +64,7 @@ class Candidate:
     Attributes:
         name: the readable name (the stage module ending there, else the node name).
         node: the torchvision-style node name.
-        shape: the feature map's shape on the example input.
+        shape: the feature map's (N, C, H, W) on the example input, whatever its layout.
         auto: whether ``points="auto"`` picks it.
     """
 
@@ -78,13 +80,18 @@ class Candidate:
 
 @dataclass(frozen=True)
 class FusionPoint:
-    """One task's feature map at one fusion level."""
+    """One task's feature map at one fusion level.
+
+    ``shape`` is (N, C, H, W) whatever the layout; ``layout`` says how the tensor is stored
+    (``"NHWC"`` for channels-last stages such as Swin's).
+    """
 
     task: str
     name: str
     node: str
     shape: tuple[int, ...]
     nonnegative: bool
+    layout: str = "NCHW"
 
     @property
     def channels(self) -> int:
@@ -344,7 +351,7 @@ def _candidate_list(traced: TracedModel) -> list[Candidate]:
         Candidate(
             name=stage_module(n, auto, traced.graph) if n in auto_set else n.meta[QUALNAME],
             node=n.meta[QUALNAME],
-            shape=shape_of(n),
+            shape=feature_shape(n),
             auto=n in auto_set,
         )
         for n in spine_nodes
@@ -384,8 +391,9 @@ def _resolve(names: Sequence[str], traced: TracedModel) -> list[fx.Node]:
             what = f"a tensor of shape {shape}" if shape is not None else "not a tensor"
             raise PointError(
                 f"task {traced.task!r}: point {name!r} resolves to node {node.meta[QUALNAME]!r}, "
-                f"which is {what}; fusion points must be N×C×H×W feature maps. "
-                f"{_close_names(name, traced)}"
+                f"which is {what}; fusion points must be image feature maps (N×C×H×W, or "
+                "N×H×W×C with a known channel axis). The automatic points of this model are "
+                f"{[c.name for c in _candidate_list(traced) if c.auto]}."
             )
         nodes.append(node)
     order = {n: i for i, n in enumerate(traced.graph.nodes)}
@@ -482,8 +490,9 @@ def build_plan(
                 task=t.task,
                 name=label,
                 node=n.meta[QUALNAME],
-                shape=shape_of(n),
+                shape=feature_shape(n),
                 nonnegative=bool(n.meta.get(NONNEGATIVE)),
+                layout=n.meta[LAYOUT],
             )
             for t, (n, label) in zip(traced, level_points)
         )

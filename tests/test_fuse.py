@@ -111,6 +111,22 @@ def test_identity_at_init_and_gradients(case: str) -> None:
     assert all(float(m.convs[0].weight.grad.abs().sum()) > 0 for m in fusion)
 
 
+def test_channels_last_stages_fuse_exactly() -> None:
+    """Swin's NHWC stages: identity at init holds, and the default layer mixes channels."""
+    models = [tv.swin_t(), tv.swin_t(num_classes=10)]
+    points = ["features.1", "features.3"]
+    x = torch.randn(2, 3, 64, 64)
+    fused = nddrify.fuse(models, points=points, example_input=x[:1], **IDENTITY)
+    assert fused.nddr1.channels_last == (True, True)
+    assert max_identity_diff(models, fused, x, train=False) <= ATOL
+    fused = nddrify.fuse(models, points=points, example_input=x[:1], init=(0.5, 0.5), norm=None)
+    fused.eval()
+    with torch.no_grad():
+        a, b = fused(x)
+        assert a.shape == (2, 1000) and b.shape == (2, 10)
+        assert float((a - models[0].eval()(x)).abs().max()) > 1e-3  # the tasks now share features
+
+
 def test_outputs_tuple_for_list_and_dict_for_dict() -> None:
     a, b = TinyCNN(classes=3), TinyCNN(classes=7)
     x = torch.randn(2, 3, 32, 32)

@@ -71,6 +71,18 @@ def test_forward_matches_per_task_convolutions_of_the_concatenation() -> None:
         assert torch.allclose(got, expected, atol=1e-6)
 
 
+def test_channels_last_inputs_are_fused_on_the_last_axis() -> None:
+    nchw = NDDRLayer([3, 5], init="xavier", norm=None, activation=None)
+    nhwc = NDDRLayer([3, 5], norm=None, activation=None, channels_last=[False, True])
+    nhwc.load_state_dict(nchw.state_dict())
+    a, b = torch.randn(2, 3, 4, 6), torch.randn(2, 5, 4, 6)
+    want_a, want_b = nchw(a, b)
+    got_a, got_b = nhwc(a, b.permute(0, 2, 3, 1))
+    assert torch.allclose(got_a, want_a, atol=1e-6)
+    assert got_b.shape == (2, 4, 6, 5)
+    assert torch.allclose(got_b, want_b.permute(0, 2, 3, 1), atol=1e-6)
+
+
 def test_batchnorm_follows_the_official_settings() -> None:
     layer = NDDRLayer([4, 4])
     assert all(isinstance(n, nn.BatchNorm2d) for n in layer.norms)

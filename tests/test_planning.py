@@ -92,14 +92,19 @@ def test_deeplab_output_stride_and_pool5_node() -> None:
     ] * 2
 
 
-def test_never_picks_nhwc_maps() -> None:
-    """Swin keeps its stages N×H×W×C: they must never be taken for N×C×H×W feature maps."""
-    traced = nddrify.trace_model(tv.swin_t())
-    for node in stage_ends(traced.graph):
-        shape = node.meta["tensor_meta"].shape
-        assert shape[1] in (96, 192, 384, 768), (node.meta["qualname"], shape)
-    candidates = nddrify.get_fusion_candidates(timm.create_model("convnext_atto"))
-    assert all(c.shape[2] == c.shape[3] for c in candidates)  # NHWC would give H ≠ W here
+def test_channels_last_maps_are_recognised_with_their_channel_axis() -> None:
+    """Swin keeps its stages N×H×W×C: they are fused on the channel axis, never misread."""
+    plan = nddrify.plan(
+        [tv.swin_t(), tv.swin_t()], points=["features.1", "features.3", "features.5"]
+    )
+    assert [lv.points[0].layout for lv in plan.levels] == ["NHWC"] * 3
+    assert [lv.points[0].shape for lv in plan.levels] == [
+        (1, 96, 56, 56),
+        (1, 192, 28, 28),
+        (1, 384, 14, 14),
+    ]
+    for candidate in nddrify.get_fusion_candidates(timm.create_model("convnext_atto")):
+        assert candidate.shape[1] in (40, 80, 160, 320), candidate  # channels, never W
 
 
 def test_points_by_name_module_or_node() -> None:
@@ -152,7 +157,7 @@ def test_unknown_point_lists_close_names() -> None:
         ([], "points is empty"),
         ([["layer1"], ["layer1", "layer2"]], "same number of fusion points"),
         ([["layer1"]], "1 per-task lists but there are 2 tasks"),
-        (["fc"], "not a tensor of shape|fusion points must be N×C×H×W"),
+        (["fc"], r"shape \(1, 1000\); fusion points must be image feature maps.*'layer4'\]"),
         (True, "not valid"),
         ({"task0": ["layer1"]}, "no entry for task"),
     ],
