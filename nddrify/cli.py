@@ -158,20 +158,16 @@ def _inspect(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .planning import _candidate_list, build_plan, trace_all
+    from .planning import candidate_list
+    from .planning import plan as make_plan
 
-    console = Console(stderr=False, width=160 if args.json else None)
+    console = Console()
     models = [load_spec(spec) for spec in args.specs]
     example = torch.randn(*_parse_input(args.input)) if args.input else None
     start = time.perf_counter()
-    traced, _ = trace_all(models, example_input=example)
-    plan = build_plan(
-        traced,
-        _parse_points(args.points),
-        model_params=[sum(p.numel() for p in m.parameters()) for m in models],
-    )
+    plan = make_plan(models, _parse_points(args.points), example_input=example)
     elapsed = time.perf_counter() - start
-    candidates = {t.task: _candidate_list(t) for t in traced} if args.all else {}
+    candidates = {t.task: candidate_list(t) for t in plan._traced} if args.all else {}
     if args.json:
         payload = {
             "specs": args.specs,

@@ -19,8 +19,8 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import FusionConfigError
-from .layers import NDDR, Activation, Init, Norm, ResizeMode, Shortcut
-from .planning import Plan, Points, build_plan, trace_all
+from .layers import NDDR, Activation, Init, Norm, ResizeMode, Shortcut, as_shortcut
+from .planning import Points, plan
 from .rewriting import rewrite
 
 __all__ = ["fuse"]
@@ -55,18 +55,6 @@ def _fusion_factory(
         norm="batchnorm" if norm is _UNSET else norm,
         activation="auto" if activation is _UNSET else activation,
         resize=resize_mode,
-    )
-
-
-def _shortcut_factory(shortcut: bool | Shortcut | None) -> Shortcut | None:
-    if shortcut is True:
-        return Shortcut()
-    if shortcut in (False, None):
-        return None
-    if isinstance(shortcut, Shortcut):
-        return shortcut
-    raise FusionConfigError(
-        f"shortcut={shortcut!r} is not valid; use True, False, or nddrify.Shortcut(resize_mode=...)."
     )
 
 
@@ -129,23 +117,18 @@ def fuse(
         True
     """
     factory = _fusion_factory(fusion, init, norm, activation, resize)
-    shortcut_factory = _shortcut_factory(shortcut)
-    traced, as_dict = trace_all(
+    fusion_plan = plan(
         models,
+        points,
         example_input=example_input,
+        fusion=factory,
+        shortcut=shortcut,
+        resize=factory.resize is not None,
         leaf_modules=leaf_modules,
         autowrap_functions=autowrap_functions,
         concrete_args=concrete_args,
     )
     modules = list(models.values()) if isinstance(models, Mapping) else list(models)
-    fusion_plan: Plan = build_plan(
-        traced,
-        points,
-        fusion=factory,
-        shortcut=shortcut_factory,
-        resize=factory.resize is not None,
-        model_params=[sum(p.numel() for p in m.parameters()) for m in modules],
-    )
     placement = _placement(modules)
     layers = [
         factory(
@@ -156,6 +139,7 @@ def fuse(
         for level in fusion_plan.levels
     ]
     shortcut_layer = None
+    shortcut_factory = as_shortcut(shortcut)
     if shortcut_factory is not None:
         last = fusion_plan.levels[-1].points
         shortcut_layer = shortcut_factory(
@@ -163,4 +147,4 @@ def fuse(
             [p.nonnegative for p in last],
             [[p.layout == "NHWC" for p in level.points] for level in fusion_plan.levels],
         ).to(**placement)
-    return rewrite(fusion_plan, layers, shortcut_layer, as_dict=as_dict)
+    return rewrite(fusion_plan, layers, shortcut_layer, as_dict=isinstance(models, Mapping))

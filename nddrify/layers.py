@@ -40,6 +40,7 @@ __all__ = [
     "diagonal_init_",
     "default_init",
     "resize_bilinear",
+    "as_shortcut",
 ]
 
 #: ``(alpha, beta)``, ``"xavier"``, or ``None`` for the default (α, β) = (0.9, 0.1/(K−1)).
@@ -422,3 +423,16 @@ class Shortcut:
             weights += total * width
             norms += _norm_params(self.norm, width)
         return weights, norms
+
+
+def as_shortcut(value: bool | Shortcut | None) -> Shortcut | None:
+    """The shortcut options for ``shortcut=`` (``True`` means the defaults), or None."""
+    if value is True:
+        return Shortcut()
+    if value is False or value is None:
+        return None
+    if isinstance(value, Shortcut):
+        return value
+    raise FusionConfigError(
+        f"shortcut={value!r} is not valid; use True, False, or nddrify.Shortcut(resize_mode=...)."
+    )

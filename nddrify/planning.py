@@ -37,7 +37,7 @@ from .graph_analysis import (
     stage_ends,
     stage_module,
 )
-from .layers import NDDR, Shortcut
+from .layers import NDDR, Shortcut, as_shortcut
 from .tracing import QUALNAME, TracedModel, trace_model
 
 __all__ = [
@@ -100,6 +100,11 @@ class FusionPoint:
     @property
     def spatial(self) -> tuple[int, int]:
         return (self.shape[2], self.shape[3])
+
+    def describe_shape(self) -> str:
+        """``"512×7×7"`` (C×H×W), with ``" NHWC"`` appended for channels-last maps."""
+        text = "×".join(map(str, self.shape[1:]))
+        return text if self.layout == "NCHW" else f"{text} {self.layout}"
 
 
 @dataclass(frozen=True)
@@ -192,7 +197,7 @@ class Plan:
                 added = f"+{level.parameters:,} params" if point is level.points[0] else ""
                 lines.append(
                     f"  level {level.index + 1}  {point.task:<10} {point.name:<24} "
-                    f"{point.node:<32} {'×'.join(map(str, point.shape[1:])):<14}{added}".rstrip()
+                    f"{point.node:<32} {point.describe_shape():<19}{added}".rstrip()
                 )
         if self.shortcut_weights:
             lines.append(
@@ -219,7 +224,7 @@ class Plan:
                     point.task,
                     point.name,
                     point.node,
-                    "×".join(map(str, point.shape[1:])),
+                    point.describe_shape(),
                     f"{level.parameters:,}" if first else "",
                     end_section=point is level.points[-1],
                 )
@@ -341,10 +346,11 @@ def get_fusion_candidates(
         ['maxpool', 'layer1', 'layer2', 'layer3', 'layer4']
     """
     traced = trace_model(model, example_input=example_input, **trace_options)
-    return _candidate_list(traced)
+    return candidate_list(traced)
 
 
-def _candidate_list(traced: TracedModel) -> list[Candidate]:
+def candidate_list(traced: TracedModel) -> list[Candidate]:
+    """The :class:`Candidate` list of an already traced model."""
     spine_nodes, auto = _candidates(traced)
     auto_set = set(auto)
     return [
@@ -365,7 +371,7 @@ def _close_names(name: str, traced: TracedModel) -> str:
     )
     close = difflib.get_close_matches(name, modules + names, n=5, cutoff=0.5)
     if not close:
-        close = [c.name for c in _candidate_list(traced) if c.auto]
+        close = [c.name for c in candidate_list(traced) if c.auto]
         return f"the automatic points of this model are {close}"
     return f"did you mean one of {close}?"
 
@@ -393,7 +399,7 @@ def _resolve(names: Sequence[str], traced: TracedModel) -> list[fx.Node]:
                 f"task {traced.task!r}: point {name!r} resolves to node {node.meta[QUALNAME]!r}, "
                 f"which is {what}; fusion points must be image feature maps (N×C×H×W, or "
                 "N×H×W×C with a known channel axis). The automatic points of this model are "
-                f"{[c.name for c in _candidate_list(traced) if c.auto]}."
+                f"{[c.name for c in candidate_list(traced) if c.auto]}."
             )
         nodes.append(node)
     order = {n: i for i, n in enumerate(traced.graph.nodes)}
@@ -565,7 +571,7 @@ def plan(
         traced,
         points,
         fusion=fusion,
-        shortcut=Shortcut() if shortcut is True else (shortcut or None),
+        shortcut=as_shortcut(shortcut),
         resize=resize,
         model_params=[sum(p.numel() for p in m.parameters()) for m in modules],
     )
