@@ -10,16 +10,23 @@ eval mode), traces it with :func:`nddrify.trace_model`, and compares two lists o
   reads the graph alone (op types, shapes, dominators, module nesting); it never sees
   ``feature_info`` nor any model-specific name, so the figure measures the heuristics, not a lookup.
 
-Agreement (per level): the oracle node and the auto node are the same fx node, or *equivalent*:
-joined by a short chain of direct edges ``u -> v`` where ``v`` is a parameter-free op (pool,
-identity, dropout, activation, ``contiguous``, ...) whose only tensor input is ``u``, ``u`` has no
-other user, and the shape is unchanged. Such nodes carry the same feature map up to a
-parameter-free, shape-preserving op, so fusing at either is the same cut.
+Two agreement figures are reported, per level and per model:
 
-A model **agrees** when both lists have the same length and every level agrees. A model whose
-declared stages are not N×C×H×W maps at the traced node (NHWC Swin stages, token sequences) counts
-as *not* agreeing: nddrify never offers non-NCHW points by design, so such a model can only be
-matched by declining it, and the row says why.
+* **strict**: the oracle node and the auto node are the same fx node, or *equivalent*: joined by a
+  short chain of direct edges ``u -> v`` where ``v`` is a parameter-free op (identity, dropout,
+  activation, ``contiguous``, ...) whose only tensor input is ``u``, ``u`` has no other user, and
+  the shape is unchanged. Such nodes carry the same feature map up to a parameter-free,
+  shape-preserving op, so fusing at either is the same cut.
+* **adjacent**: strict, or the auto node is a parameter-free pooling op applied directly to the
+  oracle node (or to a node strictly equivalent to it). This is the product owner's own example
+  ("a parameter-free pool right after counts as agreement"): timm's ResNet family declares ``act1``
+  where nddrify cuts at ``maxpool`` right after it (and DenseNet ``norm0`` against ``pool0``);
+  torchvision ResNets must give ``maxpool``, so the two conventions cannot both hold by rule.
+
+A model agrees when both lists have the same length and every level agrees. Declared stages may
+be NCHW or NHWC image maps (compared by their logical N×C×H×W shape, ``feature_shape``); a model
+whose declared stage is a 3-D token sequence (B, N, C) at the traced node cannot agree, since
+nddrify offers image maps only, and its row says so. No model is ever counted as agreeing by hand.
 
 Usage::
 
@@ -45,20 +52,26 @@ import torch
 import torch.fx as fx
 
 import nddrify
-from nddrify.graph_analysis import shape_of, stage_ends, stage_module
+from nddrify.graph_analysis import annotate, feature_shape, shape_of, stage_ends, stage_module
 
 DEFAULT_ZOO = Path("/work/shared/dev-zoo.txt")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 AGREEMENT_DEFINITION = (
-    "A level agrees when the oracle node (`traced.node(m)` for each module `m` in timm's "
-    "`model.feature_info`) and the auto node (`stage_ends(graph)`, graph alone) are the same fx "
-    "node, or are joined by a chain of direct edges `u -> v` in which `v` is a parameter-free "
-    "call (pool, identity, dropout, activation, ...) whose only tensor input is `u`, `u` has no "
-    "other user, and the shape is unchanged (the same feature map up to a parameter-free "
-    "shape-preserving op). A model agrees when both lists have the same length and every level "
-    "agrees. Models whose declared stages are not NCHW maps at the traced node (NHWC or token "
-    "stages) count as not agreeing: nddrify never offers non-NCHW points by design."
+    "**Strict**: a level agrees when the oracle node (`traced.node(m)` for each module `m` in "
+    "timm's `model.feature_info`) and the auto node (`stage_ends(graph)`, graph alone) are the "
+    "same fx node, or are joined by a chain of direct edges `u -> v` in which `v` is a "
+    "parameter-free call (identity, dropout, activation, `contiguous`, ...) whose only tensor "
+    "input is `u`, `u` has no other user, and the shape is unchanged (the same feature map up to "
+    "a parameter-free shape-preserving op). **Adjacent**: strict, or the auto node is a "
+    "parameter-free pooling op applied directly to the oracle node (or to a node strictly "
+    "equivalent to it): the product owner's 'parameter-free pool right after' example, i.e. "
+    "timm's ResNet-family `act1` against nddrify's `maxpool` (DenseNet `norm0` against `pool0`); "
+    "torchvision ResNets must give `maxpool`, so rules cannot satisfy both conventions. A model "
+    "agrees when both lists have the same length and every level agrees. NCHW and NHWC declared "
+    "maps are both valid (compared by logical N×C×H×W shape); a model whose declared stage is a "
+    "3-D token sequence at the traced node cannot agree (nddrify offers image maps only). No "
+    "model is counted as agreeing by hand."
 )
 
 
@@ -112,22 +125,60 @@ def equivalent(a: fx.Node, b: fx.Node, max_steps: int = 4) -> bool:
     return False
 
 
+_POOL_FUNCTIONS = {
+    torch.nn.functional.max_pool2d,
+    torch.nn.functional.avg_pool2d,
+    torch.nn.functional.adaptive_avg_pool2d,
+    torch.nn.functional.adaptive_max_pool2d,
+}
+
+
+def _is_pool(node: fx.Node) -> bool:
+    """A parameter-free pooling op (a ``torch.nn`` pooling module or functional pool)."""
+    if node.op == "call_module":
+        module = node.graph.owning_module.get_submodule(node.target)
+        return type(module).__module__ == "torch.nn.modules.pooling" and not _has_parameters(node)
+    return node.op == "call_function" and node.target in _POOL_FUNCTIONS
+
+
+def adjacent(oracle: fx.Node, auto: fx.Node) -> bool:
+    """Strictly :func:`equivalent`, or ``auto`` is a parameter-free pool applied directly to
+    ``oracle`` or to a node strictly equivalent to it."""
+    if equivalent(oracle, auto):
+        return True
+    if not _is_pool(auto):
+        return False
+    inputs = _tensor_inputs(auto)
+    return len(inputs) == 1 and equivalent(oracle, inputs[0])
+
+
 def _shape(node: fx.Node) -> list[int] | None:
-    shape = shape_of(node)
+    """Logical N×C×H×W shape of an image map (NCHW or NHWC), else the raw shape."""
+    shape = feature_shape(node) or shape_of(node)
     return list(shape) if shape is not None else None
 
 
 def _oracle_layout_problem(info: list[dict], nodes: list[fx.Node]) -> str | None:
-    """Why the declared stage maps are not NCHW at the traced nodes (None when they are)."""
-    problems = []
+    """Why the declared stage values are not image maps at the traced nodes (None when all are).
+
+    A 3-D (or other non-4-D) value is a token sequence nddrify cannot fuse ("cannot agree"); a
+    4-D value whose layout the annotation does not recognise is nddrify's own failure."""
+    tokens, unknown = [], []
     for entry, node in zip(info, nodes):
-        shape = shape_of(node)
-        chs = entry.get("num_chs")
-        if shape is None or len(shape) != 4:
-            problems.append(f"{entry['module']}: {len(shape) if shape else 0}-D value {shape}")
-        elif chs is not None and shape[1] != chs and shape[3] == chs:
-            problems.append(f"{entry['module']}: NHWC {tuple(shape)}")
-    return "; ".join(problems) if problems else None
+        if feature_shape(node) is None:
+            shape = shape_of(node)
+            if shape is not None and len(shape) == 4:
+                unknown.append(f"{entry['module']}: {shape}")
+            else:
+                dims = len(shape) if shape else 0
+                tokens.append(f"{entry['module']}: {dims}-D value {shape}")
+    if tokens:
+        return "cannot agree: declared stages are token sequences, not image maps (" + (
+            "; ".join(tokens) + ")"
+        )
+    if unknown:
+        return "layout of declared 4-D maps not recognised (" + "; ".join(unknown) + ")"
+    return None
 
 
 def evaluate(name: str) -> dict:
@@ -142,7 +193,9 @@ def evaluate(name: str) -> dict:
         "auto": [],
         "auto_shapes": [],
         "agree": False,
+        "agree_adjacent": False,
         "levels_agree": [],
+        "levels_adjacent": [],
         "seconds": None,
         "stage_ends_ms": None,
         "note": "",
@@ -162,7 +215,7 @@ def evaluate(name: str) -> dict:
             row["note"] = f"trace failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
             return row
         row["traced"] = True
-        graph = traced.graph
+        graph = annotate(traced.graph)
         oracle_nodes = []
         for entry in info:
             try:
@@ -184,18 +237,26 @@ def evaluate(name: str) -> dict:
         levels = [
             i < len(auto_nodes) and equivalent(o, auto_nodes[i]) for i, o in enumerate(oracle_nodes)
         ]
+        levels_adj = [
+            i < len(auto_nodes) and adjacent(o, auto_nodes[i]) for i, o in enumerate(oracle_nodes)
+        ]
         row["levels_agree"] = levels
+        row["levels_adjacent"] = levels_adj
         layout = _oracle_layout_problem(info, oracle_nodes)
         if layout is not None:
-            row["note"] = f"oracle stages are not NCHW maps ({layout})"
+            row["note"] = layout
             return row
-        row["agree"] = len(auto_nodes) == len(oracle_nodes) and all(levels)
-        if not row["agree"]:
-            if len(auto_nodes) != len(oracle_nodes):
-                row["note"] = f"{len(auto_nodes)} auto points vs {len(oracle_nodes)} declared"
-            else:
-                bad = [row["oracle"][i] for i, ok in enumerate(levels) if not ok]
-                row["note"] = f"levels differ at {', '.join(bad)}"
+        same_length = len(auto_nodes) == len(oracle_nodes)
+        row["agree"] = same_length and all(levels)
+        row["agree_adjacent"] = same_length and all(levels_adj)
+        if not same_length:
+            row["note"] = f"{len(auto_nodes)} auto points vs {len(oracle_nodes)} declared"
+        elif not row["agree_adjacent"]:
+            bad = [row["oracle"][i] for i, ok in enumerate(levels_adj) if not ok]
+            row["note"] = f"levels differ at {', '.join(bad)}"
+        elif not row["agree"]:
+            bad = [row["oracle"][i] for i, ok in enumerate(levels) if not ok]
+            row["note"] = f"adjacent only: auto pools right after {', '.join(bad)}"
     except Exception as err:
         row["note"] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
         row["traceback"] = traceback.format_exc(limit=3)
@@ -208,47 +269,71 @@ def _fmt_shapes(shapes: list) -> str:
     return ", ".join("x".join(str(s) for s in shape[1:]) if shape else "?" for shape in shapes)
 
 
-def write_markdown(rows: list[dict], path: Path, command: str) -> str:
-    n_agree = sum(r["agree"] for r in rows)
+def _figures(rows: list[dict], model_key: str, level_key: str) -> tuple[str, str]:
+    n_agree = sum(r[model_key] for r in rows)
     total = len(rows)
-    levels = [ok for r in rows for ok in r["levels_agree"]]
+    levels = [ok for r in rows for ok in r[level_key]]
     declared = sum(len(r["oracle"]) for r in rows)
-    pct = 100.0 * n_agree / total if total else 0.0
-    summary = f"{n_agree}/{total} models agree ({pct:.1f} %)"
+    models = f"{n_agree}/{total} models ({100.0 * n_agree / total if total else 0.0:.1f} %)"
     level_line = (
-        f"{sum(levels)}/{declared} declared levels agree "
+        f"{sum(levels)}/{declared} declared levels "
         f"({100.0 * sum(levels) / declared if declared else 0.0:.1f} %)"
+    )
+    return models, level_line
+
+
+def write_markdown(rows: list[dict], path: Path, command: str) -> str:
+    strict_models, strict_levels = _figures(rows, "agree", "levels_agree")
+    adj_models, adj_levels = _figures(rows, "agree_adjacent", "levels_adjacent")
+    summary = (
+        f"strict: {strict_models}, {strict_levels}; "
+        f"adjacent (pool right after counts): {adj_models}, {adj_levels}"
     )
     import timm
 
     lines = [
         "# Automatic fusion points vs timm `feature_info`",
         "",
-        f"**{summary}**; {level_line}.",
+        f"- **Strict agreement: {strict_models}**; {strict_levels}.",
+        f"- **Adjacent agreement (a parameter-free pool right after the declared node counts): "
+        f"{adj_models}**; {adj_levels}.",
         "",
         f"- date: {datetime.date.today().isoformat()}",
         f"- python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}",
         f"- command: `{command}`",
         "- weights: random (`pretrained=False`), eval mode, each model's default input size",
+        "- shapes: logical C×H×W for image maps (NHWC maps shown as C×H×W too), raw otherwise",
         "",
         "**Agreement.** " + AGREEMENT_DEFINITION,
         "",
-        "| model | agree | levels | oracle (`feature_info`) | auto (`stage_ends`) | shapes (oracle / auto) | s | note |",
-        "|---|---|---|---|---|---|---|---|",
+        "Columns: *strict* / *adjacent* say whether the model agrees under each definition; "
+        "*levels* marks each declared level ✓ (strict), ≈ (adjacent only) or ✗.",
+        "",
+        "| model | strict | adjacent | levels | oracle (`feature_info`) | auto (`stage_ends`) "
+        "| shapes (oracle / auto) | s | note |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lv = "".join("✓" if ok else "✗" for ok in r["levels_agree"]) or "-"
+        marks = [
+            "✓" if ok else ("≈" if adj else "✗")
+            for ok, adj in zip(r["levels_agree"], r["levels_adjacent"])
+        ]
+        lv = "".join(marks) or "-"
         lines.append(
-            f"| {r['model']} | {'yes' if r['agree'] else 'no'} | {lv} | "
+            f"| {r['model']} | {'yes' if r['agree'] else 'no'} | "
+            f"{'yes' if r['agree_adjacent'] else 'no'} | {lv} | "
             f"{', '.join(r['oracle'])} | {', '.join(r['auto'])} | "
             f"{_fmt_shapes(r['oracle_shapes'])} / {_fmt_shapes(r['auto_shapes'])} | "
             f"{r['seconds']} | {r['note'].replace('|', '/')} |"
         )
-    failing = [r for r in rows if not r["agree"]]
-    lines += ["", f"Disagreeing models ({len(failing)}):", ""]
+    failing = [r for r in rows if not r["agree_adjacent"]]
+    lines += ["", f"Models disagreeing under the adjacent definition ({len(failing)}):", ""]
     lines += [f"- `{r['model']}`: {r['note'] or 'see table'}" for r in failing]
+    adjacent_only = [r for r in rows if r["agree_adjacent"] and not r["agree"]]
+    lines += ["", f"Models agreeing only under the adjacent definition ({len(adjacent_only)}):", ""]
+    lines += [f"- `{r['model']}`: {r['note']}" for r in adjacent_only]
     path.write_text("\n".join(lines) + "\n")
-    return f"{summary}; {level_line}"
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,9 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         row = evaluate(name)
         rows.append(row)
-        mark = "AGREE" if row["agree"] else "-----"
+        mark = "AGREE" if row["agree"] else ("ADJAC" if row["agree_adjacent"] else "-----")
         print(f"{mark} {name:36s} {row['seconds']:>6}s  {row['note']}", flush=True)
-        if not row["agree"] and row["traced"]:
+        if not row["agree_adjacent"] and row["traced"]:
             print(
                 f"      oracle {row.get('oracle_nodes', [])}\n      auto   {row.get('auto_nodes', [])}"
             )

@@ -31,7 +31,7 @@ def test_default_init_rows_sum_to_one_for_more_tasks() -> None:
     assert default_init(2) == (0.9, 0.1)
     layer = NDDRLayer([2, 2, 2, 2, 2], norm=None, activation=None)
     for task in range(5):
-        weight = layer.convs[task].weight[:, :, 0, 0]
+        weight = layer.convs[task].weight.detach()[:, :, 0, 0]
         assert torch.allclose(weight.sum(dim=1), torch.ones(2))
         assert math.isclose(float(weight[0, 2 * task]), 0.9, rel_tol=1e-6)
 
