@@ -6,7 +6,7 @@ fusion layer takes the K feature maps, and each task continues from its own fuse
 value replaces the original for all of the point's users, skip connections included.
 
 When a model's train- and eval-mode graphs differ (``self.training`` branches), both fused graphs
-are built and :class:`DualModeGraphModule` switches between them in ``.train()`` / ``.eval()``.
+are built and :class:`FusedGraphModule` switches between them in ``.train()`` / ``.eval()``.
 
 Example:
     >>> import torch, torchvision, nddrify
@@ -27,12 +27,11 @@ from typing import Any
 
 import torch.fx as fx
 from torch import nn
-from torch.fx.graph_module import _copy_attr
 
 from .planning import Plan
 from .tracing import QUALNAME
 
-__all__ = ["rewrite", "DualModeGraphModule", "PLAN_META_KEY", "TASK_META_KEY"]
+__all__ = ["rewrite", "FusedGraphModule", "PLAN_META_KEY", "TASK_META_KEY"]
 
 #: ``fused.meta`` key holding the :class:`~nddrify.Plan` (without traces).
 PLAN_META_KEY = "nddrify_plan"
@@ -42,33 +41,91 @@ TASK_META_KEY = "nddrify_task"
 _CLASS_NAME = "NDDRFusedModel"
 
 
-class DualModeGraphModule(fx.GraphModule):
-    """A GraphModule with one graph for training and one for evaluation, switched by ``train()``."""
+class FusedGraphModule(fx.GraphModule):
+    """The fused model: a GraphModule that keeps each task's whole model and its plan.
 
-    def __init__(self, root: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph) -> None:
-        super().__init__(root, train_graph, _CLASS_NAME)
-        for node in eval_graph.nodes:
-            if node.op in ("call_module", "get_attr"):
-                _copy_attr(root, self, node.target)
-        self.train_graph = train_graph
+    When a task's train- and eval-mode graphs differ (``self.training`` branches), it holds both
+    (``train_graph``, ``eval_graph``) and ``train()`` / ``eval()`` switch between them; otherwise
+    both attributes are ``None`` and ``graph`` is the only graph. Deep copies and pickles keep the
+    weights, both graphs, the mode and ``meta`` (the plan).
+    """
+
+    def __init__(
+        self, root: nn.Module, graph: fx.Graph, eval_graph: fx.Graph | None = None
+    ) -> None:
+        super().__init__(root, graph, _CLASS_NAME)
+        # GraphModule copies only the modules the graph calls, into plain containers; keep the
+        # whole modules instead (fused.seg is the seg model's own class; fused.seg(x) runs it
+        # alone, and modules only the eval graph calls are there too).
+        for name, child in root.named_children():
+            setattr(self, name, child)
+        self.train_graph = graph if eval_graph is not None else None
         self.eval_graph = eval_graph
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> DualModeGraphModule:
-        root = nn.Module()
-        for name, child in self.named_children():
-            root.add_module(name, copy.deepcopy(child, memo))
-        copied = DualModeGraphModule(
-            root, copy.deepcopy(self.train_graph, memo), copy.deepcopy(self.eval_graph, memo)
-        )
-        copied.meta = copy.deepcopy(self.meta, memo)
-        return copied.train(self.training)
-
-    def train(self, mode: bool = True) -> DualModeGraphModule:
+    def train(self, mode: bool = True) -> FusedGraphModule:
         super().train(mode)
-        wanted = self.train_graph if mode else self.eval_graph
-        if self.graph is not wanted:
-            self.graph = wanted
+        self._select_graph(mode)
         return self
+
+    def _select_graph(self, mode: bool) -> None:
+        if self.eval_graph is not None:
+            wanted = self.train_graph if mode else self.eval_graph
+            if self.graph is not wanted:
+                self.graph = wanted
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FusedGraphModule:
+        graphs = (self.train_graph, self.eval_graph) if self.eval_graph is not None else (self.graph,)
+        return _rebuild(
+            copy.deepcopy(dict(self.named_children()), memo),
+            *copy.deepcopy(graphs, memo),
+            meta=copy.deepcopy(self.meta, memo),
+            training=self.training,
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        graphs = (self.train_graph, self.eval_graph) if self.eval_graph is not None else (self.graph,)
+        return (
+            _rebuild_from_pickle,
+            (
+                dict(self.named_children()),
+                tuple(_portable(g) for g in graphs),
+                self.meta,
+                self.training,
+            ),
+        )
+
+
+def _portable(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` whose node meta holds plain values only (ShapeProp's TensorMetadata does
+    not survive torch.save's pickler)."""
+    copied = copy.deepcopy(graph)
+    for node in copied.nodes:
+        node.meta = {k: v for k, v in node.meta.items() if isinstance(v, (str, bool, int, float))}
+    return copied
+
+
+def _rebuild(
+    children: dict[str, nn.Module],
+    graph: fx.Graph,
+    eval_graph: fx.Graph | None = None,
+    *,
+    meta: dict[str, Any],
+    training: bool,
+) -> FusedGraphModule:
+    root = nn.Module()
+    for name, child in children.items():
+        root.add_module(name, child)
+    fused = FusedGraphModule(root, graph, eval_graph)
+    fused.meta = meta
+    fused.training = training  # not .train(): keep every submodule's own flag
+    fused._select_graph(training)
+    return fused
+
+
+def _rebuild_from_pickle(
+    children: dict[str, nn.Module], graphs: tuple[fx.Graph, ...], meta: dict, training: bool
+) -> FusedGraphModule:
+    return _rebuild(children, *graphs, meta=meta, training=training)
 
 
 def _identifier(name: str) -> str:
@@ -168,7 +225,7 @@ def rewrite(
     shortcut_layer: nn.Module | None = None,
     *,
     as_dict: bool = False,
-) -> fx.GraphModule:
+) -> FusedGraphModule:
     """Build the fused GraphModule for a plan made from traced models.
 
     Args:
@@ -192,17 +249,12 @@ def rewrite(
 
     has_shortcut = shortcut_layer is not None
     eval_graph = _build_graph(plan, has_shortcut, as_dict, train=False)
+    graphs = [eval_graph]
     if any(t.train_graph_module is not None for t in plan._traced):
-        train_graph = _build_graph(plan, has_shortcut, as_dict, train=True)
-        fused: fx.GraphModule = DualModeGraphModule(root, train_graph, eval_graph)
-    else:
-        fused = fx.GraphModule(root, eval_graph, _CLASS_NAME)
-    for task in plan.tasks:
-        # GraphModule copies only the modules the graph calls, into plain containers; keep each
-        # task's whole model instead (fused.seg is the seg model's class, fused.seg(x) runs it).
-        setattr(fused, task, getattr(root, task))
-    fused.meta[PLAN_META_KEY] = dataclasses.replace(plan, _traced=())
-    fused.training = mode  # not .train(mode): that would overwrite the tasks' own submodule flags
-    if isinstance(fused, DualModeGraphModule):
-        fused.graph = fused.train_graph if mode else fused.eval_graph
-    return fused
+        graphs = [_build_graph(plan, has_shortcut, as_dict, train=True), eval_graph]
+    return _rebuild(
+        dict(root.named_children()),
+        *graphs,
+        meta={PLAN_META_KEY: dataclasses.replace(plan, _traced=())},
+        training=mode,
+    )

@@ -13,7 +13,7 @@ from torch import nn
 
 import nddrify
 from nddrify.layers import NDDRLayer, NDDRShortcutLayer
-from nddrify.rewriting import DualModeGraphModule
+from nddrify.rewriting import FusedGraphModule
 
 from .models import FunctionalDropout, OptionalArgs, TinyCNN, UNet
 
@@ -223,7 +223,7 @@ def test_train_and_eval_graphs_differ_for_googlenet_aux_heads() -> None:
     ]
     x = torch.randn(2, 3, 96, 96)
     fused = nddrify.fuse(models, example_input=x[:1], **IDENTITY)
-    assert isinstance(fused, DualModeGraphModule)
+    assert fused.eval_graph is not None
     assert max_identity_diff(models, fused, x, train=False) <= ATOL
     assert isinstance(fused(x)[0], torch.Tensor)  # eval: logits only
     assert fused.graph is fused.eval_graph
@@ -243,16 +243,36 @@ def test_deepcopy_keeps_weights_plan_and_both_modes() -> None:
     ):
         twin = copy.deepcopy(fused).eval()
         fused.eval()
-        assert isinstance(twin, DualModeGraphModule) == isinstance(fused, DualModeGraphModule)
+        assert isinstance(twin, FusedGraphModule)
+        assert (twin.eval_graph is None) == (fused.eval_graph is None)
         assert twin.meta["nddrify_plan"] == fused.meta["nddrify_plan"]
         for got, want in zip(twin(x), fused(x)):
             assert torch.equal(got, want)
         with torch.no_grad():
             next(twin.parameters()).add_(1)
         assert not torch.equal(next(twin.parameters()), next(fused.parameters()))
-    assert isinstance(twin, DualModeGraphModule)
+    assert twin.eval_graph is not None
     twin.train()
     assert (twin(x)[0] == 0).float().mean() > 0.2  # the copy still switches graphs
+
+
+@pytest.mark.parametrize("dual", [False, True], ids=["one graph", "train and eval graphs"])
+def test_fused_models_pickle_with_plan_and_modes(tmp_path, dual: bool) -> None:
+    make = FunctionalDropout if dual else TinyCNN
+    x = torch.randn(4, 3, 32, 32)
+    fused = nddrify.fuse({"a": make(), "b": make()}, example_input=x[:1]).eval()
+    path = tmp_path / "fused.pt"
+    torch.save(fused, path)
+    loaded = torch.load(path, weights_only=False)
+    assert isinstance(loaded, FusedGraphModule) and loaded.training is False
+    assert loaded.meta["nddrify_plan"] == fused.meta["nddrify_plan"]
+    assert loaded.code == fused.code
+    for task in ("a", "b"):
+        assert torch.equal(loaded(x)[task], fused(x)[task])
+    assert type(loaded.a) is make  # the whole task model survives
+    if dual:
+        loaded.train()
+        assert (loaded(x)["a"] == 0).float().mean() > 0.2
 
 
 def test_functional_dropout_follows_the_mode() -> None:
