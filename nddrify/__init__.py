@@ -10,6 +10,7 @@ Example:
     2441216
 """
 
+from .checkpoint import CheckpointError, load, save
 from .errors import (
     FusionConfigError,
     ModelsError,
@@ -42,6 +43,9 @@ __all__ = [
     "param_groups",
     "overhead",
     "task_state_dict",
+    "save",
+    "load",
+    "load_spec",
     "trace_model",
     "default_example_input",
     "NDDR",
@@ -49,6 +53,7 @@ __all__ = [
     "NDDRLayer",
     "NDDRShortcutLayer",
     "Plan",
+    "FusedGraphModule",
     "FusionLevel",
     "FusionPoint",
     "Candidate",
@@ -61,4 +66,5 @@ __all__ = [
     "ShapeMismatchError",
     "FusionConfigError",
     "SpecError",
+    "CheckpointError",
 ]

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -20,10 +21,13 @@ from torch import nn
 
 from .errors import FusionConfigError
 from .layers import NDDR, Activation, Init, Norm, ResizeMode, Shortcut, as_shortcut
-from .planning import Points, plan
+from .planning import Plan, Points, TaskModels, plan, resolve_models
 from .rewriting import rewrite
 
-__all__ = ["fuse"]
+__all__ = ["fuse", "build_record", "BUILD_META_KEY"]
+
+#: ``fused.meta`` key: how the model was built (specs, points, options), for ``nddrify.save``.
+BUILD_META_KEY = "nddrify_build"
 
 _UNSET: Any = object()
 
@@ -58,6 +62,50 @@ def _fusion_factory(
     )
 
 
+def _plain(value: Any) -> Any:
+    """``value`` if it is made of plain Python values only (storable with weights_only=True)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        items = [_plain(v) for v in value]
+        return None if any(i is _NOT_PLAIN for i in items) else type(value)(items)
+    return _NOT_PLAIN
+
+
+_NOT_PLAIN: Any = object()
+
+
+def build_record(
+    resolved: TaskModels,
+    fusion_plan: Plan,
+    factory: NDDR,
+    shortcut: Shortcut | None,
+    example_input: torch.Tensor | None,
+) -> dict[str, Any]:
+    """What ``nddrify.save`` stores to rebuild a fused model: plain values only. ``options`` is
+    None when an option is a callable (a custom norm, say) that cannot be stored."""
+    options: dict[str, Any] = {
+        "init": factory.init,
+        "norm": factory.norm,
+        "activation": factory.activation,
+        "resize": factory.resize or False,
+        "shortcut": None if shortcut is None else dataclasses.asdict(shortcut),
+    }
+    storable = all(_plain(v) is not _NOT_PLAIN for k, v in options.items() if k != "shortcut")
+    if shortcut is not None:
+        storable = storable and all(
+            _plain(v) is not _NOT_PLAIN for v in options["shortcut"].values()
+        )
+    return {
+        "tasks": list(fusion_plan.tasks),
+        "as_dict": resolved.as_dict,
+        "specs": list(resolved.specs),
+        "points": [fusion_plan.points(t) for t in fusion_plan.tasks],
+        "example_input_shape": None if example_input is None else list(example_input.shape),
+        "options": options if storable else None,
+    }
+
+
 def _placement(models: Sequence[nn.Module]) -> dict[str, Any]:
     for model in models:
         for tensor in (*model.parameters(), *model.buffers()):
@@ -67,7 +115,7 @@ def _placement(models: Sequence[nn.Module]) -> dict[str, Any]:
 
 
 def fuse(
-    models: Sequence[nn.Module] | Mapping[str, nn.Module],
+    models: Sequence[nn.Module | str] | Mapping[str, nn.Module | str],
     points: Points = "auto",
     *,
     init: Init = _UNSET,
@@ -90,7 +138,9 @@ def fuse(
     them back under the original key names.
 
     Args:
-        models: two or more ``nn.Module`` (a list, or a dict task name → model).
+        models: two or more ``nn.Module`` (a list, or a dict task name → model); a model may be
+            a spec string such as ``"torchvision:vgg16"`` or ``"timm:resnet50"``, which
+            ``nddrify.save`` records so ``nddrify.load`` needs no code to rebuild.
         points: ``"auto"``, an int N, module/node names, or one list of names per task.
         init: NDDR diagonal init ``(alpha, beta)``, ``"xavier"``; default (0.9, 0.1) for two
             tasks and rows summing to one for more.
@@ -117,8 +167,9 @@ def fuse(
         True
     """
     factory = _fusion_factory(fusion, init, norm, activation, resize)
+    resolved = resolve_models(models)
     fusion_plan = plan(
-        models,
+        resolved,
         points,
         example_input=example_input,
         fusion=factory,
@@ -128,7 +179,7 @@ def fuse(
         autowrap_functions=autowrap_functions,
         concrete_args=concrete_args,
     )
-    modules = list(models.values()) if isinstance(models, Mapping) else list(models)
+    modules = resolved.modules
     placement = _placement(modules)
     layers = [
         factory(
@@ -147,4 +198,8 @@ def fuse(
             [p.nonnegative for p in last],
             [[p.layout == "NHWC" for p in level.points] for level in fusion_plan.levels],
         ).to(**placement)
-    return rewrite(fusion_plan, layers, shortcut_layer, as_dict=isinstance(models, Mapping))
+    fused = rewrite(fusion_plan, layers, shortcut_layer, as_dict=resolved.as_dict)
+    fused.meta[BUILD_META_KEY] = build_record(
+        resolved, fusion_plan, factory, shortcut_factory, example_input
+    )
+    return fused

@@ -193,10 +193,154 @@ def _leads_with_nchw_op(module: nn.Module | None) -> bool:
     )
 
 
-def _layout(node: fx.Node, layouts: dict[fx.Node, tuple[int, ...] | None]):
-    shape = shape_of(node)
-    if shape is None or len(shape) != 4:
+# Internal layouts of token values derived from an H×W image map. They never reach
+# ``meta[LAYOUT]``; they only let a reshape back to 4-D recover NCHW or NHWC when the sizes make it
+# unambiguous (the exact (N, H, W, C) or (N, C, H, W) of the map the tokens came from):
+# ("CL", positions, H, W): channels last, the leading dims enumerate the N·H·W positions in some
+# order (Swin windows, NesT blocks, (B, H·W, C) sequences); ("BCN", H, W): a (B, C, H·W) sequence.
+_RESHAPES = {"view", "reshape", "flatten", "unflatten", "transpose", "swapaxes", "movedim"}
+_RESHAPE_FUNCTIONS = {torch.reshape, torch.flatten, torch.transpose, torch.movedim}
+_MOVES = {"permute", "contiguous"}
+
+
+def _is_reshape(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in _RESHAPES) or (
+        node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS
+    )
+
+
+def _is_movement(node: fx.Node) -> bool:
+    """Ops that only rearrange the values (reshape, permute, transpose, contiguous)."""
+    return (
+        _is_reshape(node)
+        or (node.op == "call_method" and node.target in _MOVES)
+        or (node.op == "call_function" and node.target is torch.permute)
+    )
+
+
+def _moved_dims(node: fx.Node, rank: int) -> tuple[int, ...] | None:
+    """The dims a constant ``permute``/``transpose`` applies to a ``rank``-D value, else None."""
+    if node.op == "call_method" and node.target == "permute":
+        dims = node.args[1:]
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = tuple(dims[0])
+    elif node.op == "call_function" and node.target is torch.permute:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dims")
+    elif (node.op == "call_method" and node.target in {"transpose", "swapaxes"}) or (
+        node.op == "call_function" and node.target is torch.transpose
+    ):
+        pair = node.args[1:3]
+        if len(pair) != 2 or not all(isinstance(d, int) for d in pair):
+            return None
+        order = list(range(rank))
+        i, j = (d % rank for d in pair)
+        order[i], order[j] = order[j], order[i]
+        return tuple(order)
+    else:
         return None
+    if dims is None or len(dims) != rank or not all(isinstance(d, int) for d in dims):
+        return None
+    return tuple(d % rank for d in dims)
+
+
+def _channels_last_tokens(layout, shape: tuple[int, ...]) -> tuple | None:
+    if layout == _NHWC:
+        return ("CL", shape[0] * shape[1] * shape[2], shape[1], shape[2])
+    if isinstance(layout, tuple) and layout and layout[0] == "CL":
+        return layout
+    return None
+
+
+def _token_layout(node: fx.Node, shape: tuple[int, ...], layouts: dict) -> tuple | None:
+    """Layout of a value that is not an image map: tokens of a known image map, else None."""
+    inputs = _tensor_inputs(node)
+    if not inputs:
+        return None
+    src = shape_of(inputs[0])
+    # A helper fx could not see into (NesT's ``deblockify``) that only rearranges one tensor.
+    opaque = node.op == "call_function" and len(inputs) == 1 and math.prod(src) == math.prod(shape)
+    if _is_movement(node) or opaque:
+        source = layouts.get(inputs[0])
+        if source == _NCHW and shape == (src[0], src[1], src[2] * src[3]):
+            return ("BCN", src[2], src[3])
+        if isinstance(source, tuple) and source and source[0] == "BCN":
+            if src == shape and _moved_dims(node, len(src)) is None:
+                return source
+            if len(src) == 3 and shape == (src[0], src[1], source[1], source[2]):
+                return source  # (B, C, H, W) again: _from_tokens makes it NCHW
+            if len(src) == 3 and _moved_dims(node, 3) == (0, 2, 1):
+                return ("CL", src[0] * src[2], source[1], source[2])
+            return None
+        tokens = _channels_last_tokens(source, src)
+        if tokens is not None and len(src) == 3 and _moved_dims(node, 3) == (0, 2, 1):
+            _, positions, h, w = tokens
+            return ("BCN", h, w) if src[1] == h * w and positions == src[0] * h * w else None
+        if tokens is None or shape[-1] != src[-1] or math.prod(shape[:-1]) != tokens[1]:
+            return None
+        dims = _moved_dims(node, len(src))
+        keeps_last = dims is None or dims[-1] == len(src) - 1
+        return tokens if keeps_last else None
+    for source in inputs:
+        layout, src = layouts.get(source), shape_of(source)
+        if len(src) != len(shape):
+            continue
+        tokens = _channels_last_tokens(layout, src)
+        # A channel-mixing op (linear, norm, activation, sum) keeps the positions.
+        if tokens is not None and src[:-1] == shape[:-1]:
+            return tokens
+        is_bcn = isinstance(layout, tuple) and bool(layout) and layout[0] == "BCN"
+        if is_bcn and src[0] == shape[0] and src[2] == shape[2]:
+            return layout
+    return None
+
+
+def _from_tokens(shape: tuple[int, ...], layout) -> tuple[int, ...] | None:
+    """NCHW/NHWC of a value whose token layout matches its image map's sizes exactly."""
+    if not isinstance(layout, tuple) or not layout or not isinstance(layout[0], str):
+        return None
+    if layout[0] == "CL":
+        _, positions, h, w = layout
+        if shape[1:3] == (h, w) and shape[0] * h * w == positions:
+            return _NHWC
+    if layout[0] == "BCN" and shape[2:] == layout[1:]:
+        return _NCHW
+    return None
+
+
+def _space_to_depth(node: fx.Node, shape: tuple[int, ...], layouts: dict):
+    """NCHW/NHWC of patch merging done through higher-rank reshapes and permutes: walking back
+    through data-movement ops reaches an image map with the same values per sample, whose spatial
+    area is traded for channels by the same factor."""
+    current = node
+    for _ in range(6):
+        inputs = _tensor_inputs(current)
+        if not _is_movement(current) or len(inputs) != 1:
+            return None
+        current = inputs[0]
+        layout = layouts.get(current)
+        if layout in (_NCHW, _NHWC):
+            src = shape_of(current)
+            if src[0] != shape[0] or math.prod(src) != math.prod(shape):
+                return None
+            c_in, c_out = src[layout.index(1)], shape[layout.index(1)]
+            return layout if c_out > c_in and c_out % c_in == 0 else None
+    return None
+
+
+def _layout(node: fx.Node, layouts: dict[fx.Node, tuple | None]):
+    shape = shape_of(node)
+    if shape is None or not shape:
+        return None
+    if len(shape) != 4:
+        return _token_layout(node, shape, layouts)
+    image = _image_layout(node, shape, layouts)
+    if image is not None:
+        return image
+    tokens = _token_layout(node, shape, layouts)
+    return _from_tokens(shape, tokens) or tokens
+
+
+def _image_layout(node: fx.Node, shape: tuple[int, ...], layouts: dict):
     if node.op == "placeholder":
         return _NCHW
     if _is_op(node, _NCHW_MODULES, _NCHW_FUNCTIONS):
@@ -205,23 +349,18 @@ def _layout(node: fx.Node, layouts: dict[fx.Node, tuple[int, ...] | None]):
     dims = _permutation(node)
     if dims is not None:
         source = layouts.get(inputs[0]) if inputs else None
-        return tuple(source[d] for d in dims) if source is not None else None
-    reshapes = {"view", "reshape", "flatten", "unflatten", "transpose", "swapaxes", "movedim"}
-    is_reshape = (node.op == "call_method" and node.target in reshapes) or (
-        node.op == "call_function"
-        and node.target in {torch.reshape, torch.flatten, torch.transpose, torch.movedim}
-    )
+        return tuple(source[d] for d in dims) if source in (_NCHW, _NHWC) else None
     for source in inputs:
-        if shape_of(source) == shape and layouts.get(source) is not None:
+        if shape_of(source) == shape and layouts.get(source) in (_NCHW, _NHWC):
             return layouts[source]
-    if is_reshape:
-        return None
+    if _is_reshape(node):
+        return _space_to_depth(node, shape, layouts)
     if node.op == "call_module":
         module = _module(node)
         dims = getattr(module, "dims", None)  # torchvision.ops.Permute
         if isinstance(dims, (list, tuple)) and len(dims) == 4 and inputs:
             source = layouts.get(inputs[0])
-            return tuple(source[d] for d in dims) if source is not None else None
+            return tuple(source[d] for d in dims) if source in (_NCHW, _NHWC) else None
         if _leads_with_nchw_op(module) and any(layouts.get(n) == _NCHW for n in inputs):
             return _NCHW
     for source in inputs:
@@ -262,7 +401,7 @@ def _nonnegative(node: fx.Node, nonneg: dict[fx.Node, bool]) -> bool:
 
 def annotate(graph: fx.Graph) -> fx.Graph:
     """Record ``meta[LAYOUT]`` and ``meta[NONNEGATIVE]`` on every node (idempotent)."""
-    layouts: dict[fx.Node, tuple[int, ...] | None] = {}
+    layouts: dict[fx.Node, tuple | None] = {}
     nonneg: dict[fx.Node, bool] = {}
     for node in graph.nodes:
         layouts[node] = _layout(node, layouts)

@@ -38,6 +38,7 @@ from .graph_analysis import (
     stage_module,
 )
 from .layers import NDDR, Shortcut, as_shortcut
+from .specs import is_spec, load_spec
 from .tracing import QUALNAME, TracedModel, trace_model
 
 __all__ = [
@@ -235,28 +236,50 @@ class Plan:
         return table
 
 
-def _task_names(models: Any) -> tuple[list[str], list[nn.Module], bool]:
+@dataclass(frozen=True)
+class TaskModels:
+    """The ``models`` argument resolved: task names, modules, their specs (or None), dict or not."""
+
+    names: tuple[str, ...]
+    modules: tuple[nn.Module, ...]
+    specs: tuple[str | None, ...]
+    as_dict: bool
+
+    def as_mapping(self) -> dict[str, nn.Module]:
+        return dict(zip(self.names, self.modules))
+
+
+def resolve_models(models: Any) -> TaskModels:
+    """Validate ``models`` (a list or dict of ``nn.Module`` or spec strings such as
+    ``"torchvision:vgg16"``) and name the tasks (``task0, task1, …`` for a list)."""
+    if isinstance(models, TaskModels):
+        return models
     if isinstance(models, nn.Module):
         raise ModelsError(
             "models must be a list or dict of at least two models, got a single "
             f"{type(models).__name__}; pass models=[model_a, model_b]."
         )
     if isinstance(models, Mapping):
-        names, modules, as_dict = [str(k) for k in models], list(models.values()), True
+        names, given, as_dict = [str(k) for k in models], list(models.values()), True
     elif isinstance(models, Iterable) and not isinstance(models, (str, bytes)):
-        modules = list(models)
-        names, as_dict = [f"task{i}" for i in range(len(modules))], False
+        given = list(models)
+        names, as_dict = [f"task{i}" for i in range(len(given))], False
     else:
         raise ModelsError(
             f"models must be a list or dict of nn.Module, got {type(models).__name__}."
         )
-    if len(modules) < 2:
+    if len(given) < 2:
         raise ModelsError(
-            f"NDDR fuses at least two tasks, got {len(modules)} model(s); pass two or more models."
+            f"NDDR fuses at least two tasks, got {len(given)} model(s); pass two or more models."
         )
+    specs = [m if is_spec(m) else None for m in given]
+    modules = [load_spec(m) if is_spec(m) else m for m in given]
     for name, module in zip(names, modules):
         if not isinstance(module, nn.Module):
-            raise ModelsError(f"task {name!r} is a {type(module).__name__}, not an nn.Module.")
+            raise ModelsError(
+                f"task {name!r} is a {type(module).__name__}, not an nn.Module or a model spec "
+                "such as 'torchvision:resnet50'."
+            )
         if not name.isidentifier() or name in _RESERVED or name.startswith("nddr"):
             raise ModelsError(
                 f"task name {name!r} cannot be used: task names become attribute names of the "
@@ -276,7 +299,7 @@ def _task_names(models: Any) -> tuple[list[str], list[nn.Module], bool]:
             f"the models live on different devices or dtypes ({listing}); move them to one, "
             "e.g. model.to('cuda', torch.float32), before fusing."
         )
-    return names, modules, as_dict
+    return TaskModels(tuple(names), tuple(modules), tuple(specs), as_dict)
 
 
 def _per_task_concrete_args(value: Any, names: Sequence[str]) -> list[Mapping[str, Any] | None]:
@@ -305,7 +328,8 @@ def trace_all(
     concrete_args: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
 ) -> tuple[list[TracedModel], bool]:
     """Trace every task (stage 1) after validating ``models``; returns (traced, models-was-a-dict)."""
-    names, modules, as_dict = _task_names(models)
+    resolved = resolve_models(models)
+    names, modules = resolved.names, resolved.modules
     concrete = _per_task_concrete_args(concrete_args, names)
     leaf_modules, autowrap_functions = tuple(leaf_modules), tuple(autowrap_functions)
     if example_input is None:
@@ -324,7 +348,7 @@ def trace_all(
                 concrete_args=args,
             )
         )
-    return traced, as_dict
+    return traced, resolved.as_dict
 
 
 def _candidates(traced: TracedModel) -> tuple[list[fx.Node], list[fx.Node]]:
@@ -529,7 +553,7 @@ def build_plan(
 
 
 def plan(
-    models: Sequence[nn.Module] | Mapping[str, nn.Module],
+    models: Sequence[nn.Module | str] | Mapping[str, nn.Module | str] | TaskModels,
     points: Points = "auto",
     *,
     example_input: torch.Tensor | None = None,
@@ -543,7 +567,8 @@ def plan(
     """Trace the models and decide where to fuse them, without building anything.
 
     Args:
-        models: two or more models, as a list (tasks ``task0, task1, …``) or a dict (named tasks).
+        models: two or more models, as a list (tasks ``task0, task1, …``) or a dict (named tasks);
+            a model may be a spec string such as ``"torchvision:vgg16"`` or ``"timm:resnet50"``.
         points: ``"auto"`` (stage ends), an int N (the last N auto points), a list of module or node
             names shared by every task, a list of per-task lists, or a dict task → list.
         example_input: input for shape propagation (default 1×3×224×224 or the model's own size).
@@ -559,14 +584,15 @@ def plan(
         >>> [lv.points[1].name for lv in p.levels]
         ['layer3', 'layer4']
     """
+    resolved = resolve_models(models)
     traced, _ = trace_all(
-        models,
+        resolved,
         example_input=example_input,
         leaf_modules=leaf_modules,
         autowrap_functions=autowrap_functions,
         concrete_args=concrete_args,
     )
-    modules = list(models.values()) if isinstance(models, Mapping) else list(models)
+    modules = resolved.modules
     return build_plan(
         traced,
         points,

@@ -74,7 +74,9 @@ class FusedGraphModule(fx.GraphModule):
                 self.graph = wanted
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FusedGraphModule:
-        graphs = (self.train_graph, self.eval_graph) if self.eval_graph is not None else (self.graph,)
+        graphs = (
+            (self.train_graph, self.eval_graph) if self.eval_graph is not None else (self.graph,)
+        )
         return _rebuild(
             copy.deepcopy(dict(self.named_children()), memo),
             *copy.deepcopy(graphs, memo),
@@ -83,7 +85,9 @@ class FusedGraphModule(fx.GraphModule):
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        graphs = (self.train_graph, self.eval_graph) if self.eval_graph is not None else (self.graph,)
+        graphs = (
+            (self.train_graph, self.eval_graph) if self.eval_graph is not None else (self.graph,)
+        )
         return (
             _rebuild_from_pickle,
             (
