@@ -31,6 +31,8 @@ from .planning import (
     get_fusion_candidates,
     plan,
 )
+from .rewriting import FusedGraphModule
+from .specs import load_spec
 from .tracing import TracedModel, default_example_input, trace_model
 from .training import overhead, param_groups, task_state_dict
 

@@ -400,8 +400,21 @@ def _close_names(name: str, traced: TracedModel) -> str:
     return f"did you mean one of {close}?"
 
 
+def _live_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes the output depends on."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    live, stack = {output}, [output]
+    while stack:
+        for source in stack.pop().all_input_nodes:
+            if source not in live:
+                live.add(source)
+                stack.append(source)
+    return live
+
+
 def _resolve(names: Sequence[str], traced: TracedModel) -> list[fx.Node]:
     annotate(traced.graph)
+    live = _live_nodes(traced.graph)
     nodes = []
     for name in names:
         if not isinstance(name, str):
@@ -424,6 +437,12 @@ def _resolve(names: Sequence[str], traced: TracedModel) -> list[fx.Node]:
                 f"which is {what}; fusion points must be image feature maps (N×C×H×W, or "
                 "N×H×W×C with a known channel axis). The automatic points of this model are "
                 f"{[c.name for c in candidate_list(traced) if c.auto]}."
+            )
+        if node not in live:
+            raise PointError(
+                f"task {traced.task!r}: point {name!r} (node {node.meta[QUALNAME]!r}) does not "
+                "feed the model's output, so fusing it would change nothing; choose a node the "
+                "output depends on."
             )
         nodes.append(node)
     order = {n: i for i, n in enumerate(traced.graph.nodes)}

@@ -154,3 +154,41 @@ class FunctionalDropout(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(self.net(x), p=0.5, training=self.training)
+
+
+class DeadBranch(nn.Module):
+    """Computes a branch its output never uses (fx keeps such nodes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TinyCNN()
+        self.unused = nn.Conv2d(3, 4, 3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.unused(x)
+        return self.net(x)
+
+
+class ImageMLP(nn.Module):
+    """No spatial feature map anywhere: flatten, then linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(3 * 32 * 32, 16), nn.ReLU(), nn.Linear(16, 2)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ShapeReturning(nn.Module):
+    """Has a node whose value is not a tensor (``x.size()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TinyCNN()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.size()
+        return self.net(x).reshape(size[0], -1)

@@ -113,28 +113,6 @@ def test_fuse_auto_activation_follows_the_graph() -> None:
     assert all(isinstance(a, nn.ReLU) for a in fused.nddr1.activations)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "pattern"),
-    [
-        ({"init": (float("nan"), 0.1)}, "NaN or inf"),
-        ({"init": (0.9,)}, "init=.*not supported"),
-        ({"init": "orthogonal"}, "init=.*not supported"),
-        ({"norm": "layernorm"}, "norm=.*not supported"),
-        ({"activation": "swish"}, "activation=.*not supported"),
-    ],
-)
-def test_bad_layer_options(kwargs, pattern: str) -> None:
-    with pytest.raises(nddrify.FusionConfigError, match=pattern):
-        NDDRLayer([2, 2], **kwargs)
-
-
-def test_fusion_and_nddr_options_are_exclusive() -> None:
-    from .models import TinyCNN
-
-    with pytest.raises(nddrify.FusionConfigError, match="either fusion"):
-        nddrify.fuse([TinyCNN(), TinyCNN()], fusion=nddrify.NDDR(), norm=None)
-
-
 def test_resize_modes() -> None:
     x = torch.arange(16.0).view(1, 1, 4, 4)
     assert torch.equal(

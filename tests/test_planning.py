@@ -149,24 +149,6 @@ def test_unknown_point_lists_close_names() -> None:
     assert "'layer2'" in message  # the closest valid name is suggested
 
 
-@pytest.mark.parametrize(
-    ("points", "pattern"),
-    [
-        (["layer2", "layer1"], "runs before 'layer2'"),
-        (["layer1", "layer1.1.relu_1"], "same node"),
-        ([], "points is empty"),
-        ([["layer1"], ["layer1", "layer2"]], "same number of fusion points"),
-        ([["layer1"]], "1 per-task lists but there are 2 tasks"),
-        (["fc"], r"shape \(1, 1000\); fusion points must be image feature maps.*'layer4'\]"),
-        (True, "not valid"),
-        ({"task0": ["layer1"]}, "no entry for task"),
-    ],
-)
-def test_bad_points(points, pattern: str) -> None:
-    with pytest.raises(nddrify.PointError, match=pattern):
-        nddrify.plan([tv.resnet18(), tv.resnet18()], points=points)
-
-
 def test_mismatched_resolution_names_level_tasks_and_shapes() -> None:
     models = {"seg": tv.resnet18(), "depth": tv.resnet18()}
     message = re.escape(

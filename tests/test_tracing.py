@@ -6,11 +6,10 @@ import pytest
 import timm
 import torch
 import torchvision
-from torch import nn
 
 import nddrify
 
-from .models import DataDependent, OptionalArgs, TinyCNN
+from .models import DataDependent, TinyCNN
 
 
 def test_node_names_follow_torchvision_and_modules_resolve_to_their_last_node() -> None:
@@ -60,52 +59,3 @@ def test_untraceable_model_names_task_module_and_fixes() -> None:
     # The suggested fix works.
     fused = nddrify.fuse([DataDependent(), DataDependent()], leaf_modules=[DataDependent.Gate])
     assert "self.task0.gate" in fused.code
-
-
-def test_forward_needing_extra_arguments() -> None:
-    class TwoInputs(nn.Module):
-        def forward(self, x, depth):
-            return x + depth
-
-    with pytest.raises(
-        nddrify.ModelsError, match=r"needs the argument\(s\) \['depth'\].*concrete_args"
-    ):
-        nddrify.fuse([TwoInputs(), TwoInputs()])
-    with pytest.raises(nddrify.ModelsError, match="does not take"):
-        nddrify.fuse([OptionalArgs(), OptionalArgs()], concrete_args={"maks": None})
-
-
-@pytest.mark.parametrize(
-    ("models", "pattern"),
-    [
-        ([TinyCNN()], "at least two tasks"),
-        (TinyCNN(), "single TinyCNN"),
-        ([TinyCNN(), "resnet"], "task 'task1' is a str"),
-        ({"x": TinyCNN(), "b": TinyCNN()}, "task name 'x' cannot be used"),
-        ({"nddr1": TinyCNN(), "b": TinyCNN()}, "task name 'nddr1' cannot be used"),
-        ([TinyCNN(), TinyCNN().double()], "different devices or dtypes.*task1: cpu/float64"),
-        (42, "list or dict"),
-    ],
-)
-def test_bad_models(models, pattern: str) -> None:
-    with pytest.raises(nddrify.ModelsError, match=pattern):
-        nddrify.fuse(models)
-
-
-def test_bad_example_input() -> None:
-    with pytest.raises(nddrify.ModelsError, match="4-D N×C×H×W"):
-        nddrify.fuse([TinyCNN(), TinyCNN()], example_input=torch.randn(3, 32, 32))
-    with pytest.raises(nddrify.TraceError, match="failed on an example input of shape"):
-        nddrify.fuse([TinyCNN(), TinyCNN()], example_input=torch.randn(1, 4, 32, 32))
-
-
-def test_all_errors_share_one_base_class() -> None:
-    for name in (
-        "ModelsError",
-        "TraceError",
-        "PointError",
-        "ShapeMismatchError",
-        "FusionConfigError",
-        "SpecError",
-    ):
-        assert issubclass(getattr(nddrify, name), nddrify.NddrifyError)
