@@ -72,6 +72,17 @@ IDENTITY_CASES = {
     "unet (skip connections)": (lambda: [UNet(), UNet(classes=1)], 64, True),
     "resnet18 + resnet34": (lambda: [tv.resnet18(), tv.resnet34()], 64, True),
     "K=3 resnet18": (lambda: [tv.resnet18(num_classes=c) for c in (2, 3, 4)], 64, True),
+    "K=5 heterogeneous resnets (torchvision + timm)": (
+        lambda: [
+            tv.resnet18(),
+            tv.resnet34(),
+            timm.create_model("resnet18"),
+            tv.resnet18(num_classes=3),
+            timm.create_model("resnet26"),
+        ],
+        64,
+        True,
+    ),
     "timm resnet18": (lambda: [timm.create_model("resnet18") for _ in range(2)], 64, True),
     "timm convnext_atto": (
         lambda: [timm.create_model("convnext_atto") for _ in range(2)],
