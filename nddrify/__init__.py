@@ -10,6 +10,7 @@ Example:
     2441216
 """
 
+from .baselines import CrossStitch, Sluice
 from .checkpoint import CheckpointError, load, save
 from .errors import (
     FusionConfigError,
@@ -32,6 +33,7 @@ from .planning import (
     plan,
 )
 from .rewriting import FusedGraphModule
+from .sharing import share
 from .specs import load_spec
 from .tracing import TracedModel, default_example_input, trace_model
 from .training import overhead, param_groups, task_state_dict
@@ -40,6 +42,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "fuse",
+    "share",
     "plan",
     "get_fusion_candidates",
     "param_groups",
@@ -51,6 +54,8 @@ __all__ = [
     "trace_model",
     "default_example_input",
     "NDDR",
+    "CrossStitch",
+    "Sluice",
     "Shortcut",
     "NDDRLayer",
     "NDDRShortcutLayer",

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .errors import ModelsError, NddrifyError
-from .fusion import BUILD_META_KEY, fuse
+from .fusion import BUILD_META_KEY, factory_from_record, fuse
 from .layers import Shortcut
 from .rewriting import FusedGraphModule
 
@@ -77,9 +77,10 @@ def save(
         )
     if build["options"] is None:
         raise CheckpointError(
-            "this fused model uses a callable option (a custom norm or activation) that cannot "
-            "be stored without pickling code; save fused.state_dict() instead and rebuild with "
-            "the same nddrify.fuse(...) call before load_state_dict."
+            "this fused model uses a custom fusion factory or a callable option (a custom norm "
+            "or activation) that cannot be stored without pickling code; save "
+            "fused.state_dict() instead and rebuild with the same nddrify.fuse(...) call before "
+            "load_state_dict."
         )
     if specs is not None:
         if len(specs) != len(build["tasks"]):
@@ -140,15 +141,15 @@ def load(
         chosen = list(models)
         if len(chosen) != len(tasks):
             raise ModelsError(f"got {len(chosen)} models for the checkpoint's tasks {tasks}.")
-    options = dict(build["options"])
-    shortcut = options.pop("shortcut")
+    options = build["options"]
+    shortcut = options["shortcut"]
     example = build["example_input_shape"]
     fused = fuse(
         dict(zip(tasks, chosen)) if build["as_dict"] else chosen,
         points=build["points"],
+        fusion=factory_from_record(options["fusion"]),
         shortcut=Shortcut(**shortcut) if shortcut is not None else False,
         example_input=None if example is None else torch.zeros(example),
-        **options,
         **fuse_options,
     )
     fused.load_state_dict(payload["state_dict"])

@@ -57,6 +57,8 @@ def _inspect(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from .fusion import fusion_factory
+    from .layers import NDDR
     from .planning import candidate_list
     from .planning import plan as make_plan
 
@@ -64,7 +66,14 @@ def _inspect(args: argparse.Namespace) -> int:
     models = [load_spec(spec) for spec in args.specs]
     example = torch.randn(*_parse_input(args.input)) if args.input else None
     start = time.perf_counter()
-    plan = make_plan(models, _parse_points(args.points), example_input=example)
+    factory = fusion_factory(
+        None if args.fusion == "nddr" else args.fusion, subspaces=args.subspaces
+    )
+    if args.rank is not None or args.groups is not None:
+        if args.fusion != "nddr":
+            raise SpecError("--rank and --groups apply to --fusion nddr only.")
+        factory = NDDR(rank=args.rank, groups=args.groups or 1)
+    plan = make_plan(models, _parse_points(args.points), example_input=example, fusion=factory)
     elapsed = time.perf_counter() - start
     candidates = {t.task: candidate_list(t) for t in plan._traced} if args.all else {}
     if args.json:
@@ -190,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--all", action="store_true", help="list every candidate, not only the chosen"
     )
     inspect_cmd.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    inspect_cmd.add_argument(
+        "--fusion",
+        default="nddr",
+        choices=["nddr", "cross_stitch", "sluice"],
+        help="fusion kind whose parameters are counted (default nddr)",
+    )
+    inspect_cmd.add_argument("--rank", type=int, help="low-rank NDDR: rank r (ΣC → r → C_i)")
+    inspect_cmd.add_argument("--groups", type=int, help="grouped NDDR: number of groups")
+    inspect_cmd.add_argument("--subspaces", type=int, help="sluice: subspaces per task (default 2)")
     inspect_cmd.set_defaults(run=_inspect)
     demo = sub.add_parser(
         "demo", help="fuse two torchvision models, check identity at init, train one step"

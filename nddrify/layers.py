@@ -35,6 +35,8 @@ __all__ = [
     "FusionLayer",
     "NDDRLayer",
     "NDDRShortcutLayer",
+    "NDDRLowRankLayer",
+    "NDDRGroupedLayer",
     "NDDR",
     "Shortcut",
     "diagonal_init_",
@@ -58,7 +60,9 @@ _BN_MOMENTUM = 0.05  # TF decay 0.95
 
 class FusionLayer(nn.Module):
     """Base class of every layer the rewriter inserts; ``param_groups`` finds fusion parameters
-    by this type."""
+    by this type and trains them at ``lr_mult`` × the base lr unless told otherwise."""
+
+    lr_mult: float = 100.0  # the official NDDR code
 
 
 def default_init(num_tasks: int) -> tuple[float, float]:
@@ -267,6 +271,135 @@ class NDDRLayer(FusionLayer):
         return f"in_channels={self.in_channels}{layouts}"
 
 
+class NDDRLowRankLayer(FusionLayer):
+    """Cheaper NDDR: a learned diagonal mixing (own block α·I, other blocks β·I, one weight per
+    channel) plus a low-rank correction ΣC → r → C_i whose up-projection starts at zero, so the
+    diagonal init semantics hold exactly (α=1, β=0 is the identity). Parameters: K·ΣC diagonal
+    weights + r·ΣC + r·ΣC_i, instead of ΣC·ΣC_i."""
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        rank: int,
+        *,
+        init: Init = None,
+        norm: Norm = "batchnorm",
+        activation: Activation = "auto",
+        nonnegative: Sequence[bool] | None = None,
+        channels_last: Sequence[bool] | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_channels = tuple(int(c) for c in in_channels)
+        num_tasks = len(self.in_channels)
+        if num_tasks < 2 or rank < 1:
+            raise FusionConfigError(f"low-rank NDDR needs ≥ 2 tasks and rank ≥ 1, got {rank}.")
+        checked = _check_init(init, num_tasks)
+        if checked == "xavier":
+            raise FusionConfigError("low-rank NDDR keeps the diagonal init; use (alpha, beta).")
+        alpha, beta = checked
+        self.diagonal = nn.ParameterList()
+        for i, c_i in enumerate(self.in_channels):
+            weight = torch.zeros(num_tasks, c_i)
+            for j, c_j in enumerate(self.in_channels):
+                weight[j, : min(c_i, c_j)] = alpha if i == j else beta
+            self.diagonal.append(nn.Parameter(weight))
+        self.down = nn.Conv2d(sum(self.in_channels), rank, 1, bias=False)
+        self.ups = nn.ModuleList(nn.Conv2d(rank, c, 1, bias=False) for c in self.in_channels)
+        for up in self.ups:
+            nn.init.zeros_(up.weight)
+        nonnegative = tuple(nonnegative) if nonnegative is not None else (False,) * num_tasks
+        self.norms = nn.ModuleList(_make_norm(norm, c) for c in self.in_channels)
+        self.activations = nn.ModuleList(_make_activation(activation, n) for n in nonnegative)
+        self.channels_last = tuple(bool(c) for c in channels_last or (False,) * num_tasks)
+
+    def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = _to_nchw(features, self.channels_last)
+        low = self.down(torch.cat(features, dim=1))
+        outputs = []
+        for i, (c_i, up) in enumerate(zip(self.in_channels, self.ups)):
+            mixed = up(low)
+            for j, x_j in enumerate(features):
+                m = min(c_i, x_j.shape[1])
+                term = self.diagonal[i][j, :m, None, None] * x_j[:, :m]
+                mixed = mixed + (F.pad(term, (0, 0, 0, 0, 0, c_i - m)) if m < c_i else term)
+            outputs.append(self.activations[i](self.norms[i](mixed)))
+        return _from_nchw(outputs, self.channels_last)
+
+
+class NDDRGroupedLayer(FusionLayer):
+    """Cheaper NDDR: a grouped 1×1 convolution over the concatenation, where group g holds the
+    g-th slice of every task's channels, so every group still mixes all tasks. Diagonal init
+    within each group; parameters ΣC·ΣC/groups instead of ΣC·ΣC."""
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        groups: int,
+        *,
+        init: Init = None,
+        norm: Norm = "batchnorm",
+        activation: Activation = "auto",
+        nonnegative: Sequence[bool] | None = None,
+        channels_last: Sequence[bool] | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_channels = tuple(int(c) for c in in_channels)
+        num_tasks = len(self.in_channels)
+        if groups < 1 or any(c % groups for c in self.in_channels):
+            raise FusionConfigError(
+                f"grouped NDDR needs every width {list(self.in_channels)} divisible by "
+                f"groups={groups}."
+            )
+        total = sum(self.in_channels)
+        # order[k] = index in the task-major concatenation of channel k in group-major order
+        order = []
+        for g in range(groups):
+            start = 0
+            for c in self.in_channels:
+                size = c // groups
+                order.extend(range(start + g * size, start + (g + 1) * size))
+                start += c
+        order_t = torch.tensor(order)
+        self.register_buffer("group_order", order_t, persistent=False)
+        self.register_buffer("task_order", torch.argsort(order_t), persistent=False)
+        self.conv = nn.Conv2d(total, total, 1, groups=groups, bias=False)
+        self.groups = groups
+        nonnegative = tuple(nonnegative) if nonnegative is not None else (False,) * num_tasks
+        self.norms = nn.ModuleList(_make_norm(norm, c) for c in self.in_channels)
+        self.activations = nn.ModuleList(_make_activation(activation, n) for n in nonnegative)
+        self.channels_last = tuple(bool(c) for c in channels_last or (False,) * num_tasks)
+        self.reset_parameters(init)
+
+    def reset_parameters(self, init: Init = None) -> None:
+        checked = _check_init(init, len(self.in_channels))
+        if checked == "xavier":
+            nn.init.xavier_uniform_(self.conv.weight)
+            return
+        alpha, beta = checked
+        per_group = [c // self.groups for c in self.in_channels]
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            for g in range(self.groups):
+                base = g * sum(per_group)
+                out_start = 0
+                for i, c_i in enumerate(per_group):
+                    in_start = 0
+                    for j, c_j in enumerate(per_group):
+                        for a in range(min(c_i, c_j)):
+                            self.conv.weight[base + out_start + a, in_start + a, 0, 0] = (
+                                alpha if i == j else beta
+                            )
+                        in_start += c_j
+                    out_start += c_i
+
+    def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = _to_nchw(features, self.channels_last)
+        stacked = torch.cat(features, dim=1).index_select(1, self.group_order)
+        mixed = self.conv(stacked).index_select(1, self.task_order).split(self.in_channels, 1)
+        outputs = [act(norm(x)) for x, norm, act in zip(mixed, self.norms, self.activations)]
+        return _from_nchw(outputs, self.channels_last)
+
+
 class NDDRShortcutLayer(FusionLayer):
     """NDDR-Shortcut: per task, resize every level's NDDR output to the last level's H×W,
     concatenate them in level order and reduce to the last level's width (1×1 conv, norm, act).
@@ -343,26 +476,50 @@ class NDDR:
     """Factory for NDDR layers: ``NDDR(...)(shapes, nonnegative)`` builds one level's layer.
 
     The options are those of :class:`NDDRLayer`; ``nddrify.fuse(init=..., norm=..., activation=...)``
-    builds this factory for you.
+    builds this factory for you. NDDR costs K²·C² weights per level; for wide networks:
+
+    * ``rank=r`` builds :class:`NDDRLowRankLayer` (per-channel diagonal mixing + ΣC → r → C_i);
+    * ``groups=g`` builds :class:`NDDRGroupedLayer` (grouped 1×1 conv, ΣC·ΣC/g weights).
+
+    Both keep the diagonal init, so ``init=(1.0, 0.0)`` with no norm is still the identity.
 
     Example:
         >>> from nddrify import NDDR
-        >>> NDDR().num_parameters([(1, 64, 112, 112), (1, 64, 112, 112)])
-        (8192, 256)
+        >>> shapes = [(1, 64, 112, 112), (1, 64, 112, 112)]
+        >>> NDDR().num_parameters(shapes), NDDR(rank=16).num_parameters(shapes)
+        ((8192, 256), (4352, 256))
     """
 
     init: Init = None
     norm: Norm = "batchnorm"
     activation: Activation = "auto"
     resize: ResizeMode | None = None
+    rank: int | None = None
+    groups: int = 1
 
     def __call__(
         self,
         shapes: Sequence[Sequence[int]],
         nonnegative: Sequence[bool] | None = None,
         channels_last: Sequence[bool] | None = None,
-    ) -> NDDRLayer:
+    ) -> FusionLayer:
         """Build one level's layer for maps of these (N, C, H, W) shapes, one per task."""
+        options = {
+            "init": self.init,
+            "norm": self.norm,
+            "activation": self.activation,
+            "nonnegative": nonnegative,
+            "channels_last": channels_last,
+        }
+        channels = [s[1] for s in shapes]
+        if self.rank is not None or self.groups != 1:
+            if self.resize is not None:
+                raise FusionConfigError("resize= is only supported by the full NDDR layer.")
+            if self.rank is not None and self.groups != 1:
+                raise FusionConfigError("choose rank= or groups=, not both.")
+            if self.rank is not None:
+                return NDDRLowRankLayer(channels, self.rank, **options)
+            return NDDRGroupedLayer(channels, self.groups, **options)
         return NDDRLayer(
             [s[1] for s in shapes],
             init=self.init,
@@ -374,13 +531,19 @@ class NDDR:
         )
 
     def num_parameters(self, shapes: Sequence[Sequence[int]]) -> tuple[int, int]:
-        """(1×1 weights, norm parameters) one level adds, for feature maps of these shapes."""
+        """(fusion weights, norm parameters) one level adds, for feature maps of these shapes."""
         channels = [int(s[1]) for s in shapes]
         total = sum(channels)
-        return (
-            sum(total * c for c in channels),
-            sum(_norm_params(self.norm, c) for c in channels),
-        )
+        norms = sum(_norm_params(self.norm, c) for c in channels)
+        if self.rank is not None:
+            return (len(channels) * total + self.rank * total + self.rank * total, norms)
+        if self.groups != 1:
+            if any(c % self.groups for c in channels):
+                raise FusionConfigError(
+                    f"grouped NDDR needs every width {channels} divisible by groups={self.groups}."
+                )
+            return (total * total // self.groups, norms)
+        return (sum(total * c for c in channels), norms)
 
 
 @dataclass(frozen=True)

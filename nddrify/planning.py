@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import ModelsError, PointError, ShapeMismatchError
+from .errors import FusionConfigError, ModelsError, PointError, ShapeMismatchError
 from .graph_analysis import (
     LAYOUT,
     NONNEGATIVE,
@@ -135,6 +135,7 @@ class Overhead:
     fusion_weights: int
     fusion_norm_params: int
     model_params: tuple[int, ...]
+    kind: str = "NDDR"
 
     @property
     def fusion_params(self) -> int:
@@ -150,8 +151,9 @@ class Overhead:
         return self.weights_per_task / (sum(self.model_params) / len(self.model_params))
 
     def __str__(self) -> str:
+        what = "fusion 1×1 weights" if self.kind == "NDDR" else f"{self.kind} weights"
         return (
-            f"{self.fusion_weights:,} fusion 1×1 weights ({self.weights_per_task:,.0f} per task = "
+            f"{self.fusion_weights:,} {what} ({self.weights_per_task:,.0f} per task = "
             f"{100 * self.relative_per_task:.2f}% of one model's "
             f"{sum(self.model_params) // len(self.model_params):,}) + "
             f"{self.fusion_norm_params:,} norm parameters"
@@ -174,6 +176,7 @@ class Plan:
     model_params: tuple[int, ...]
     shortcut_weights: int = 0
     shortcut_norm_params: int = 0
+    fusion_kind: str = "NDDR"
     _traced: tuple[TracedModel, ...] = field(default=(), repr=False, compare=False)
 
     def points(self, task: str) -> list[str]:
@@ -187,6 +190,7 @@ class Plan:
             fusion_norm_params=sum(lv.norm_params for lv in self.levels)
             + self.shortcut_norm_params,
             model_params=self.model_params,
+            kind=self.fusion_kind,
         )
 
     def __repr__(self) -> str:
@@ -520,11 +524,18 @@ def _select(points: Points, traced: Sequence[TracedModel]) -> list[list[tuple[fx
     return [list(zip(_resolve(p, t), p)) for p, t in zip(lists, traced)]
 
 
+def _kind_name(fusion: Any) -> str:
+    name = type(fusion).__name__.lstrip("_")
+    if name == "NDDR" and (getattr(fusion, "rank", None) or getattr(fusion, "groups", 1) != 1):
+        return f"NDDR(rank={fusion.rank})" if fusion.rank else f"NDDR(groups={fusion.groups})"
+    return name
+
+
 def build_plan(
     traced: Sequence[TracedModel],
     points: Points = "auto",
     *,
-    fusion: NDDR | None = None,
+    fusion: Any = None,
     shortcut: Shortcut | None = None,
     resize: bool = False,
     model_params: Sequence[int] = (),
@@ -556,17 +567,25 @@ def build_plan(
                 "choose points of equal resolution, or pass resize=True to resize each "
                 "task's inputs to its own H×W inside the fusion layer."
             )
-        weights, norm_params = fusion.num_parameters([p.shape for p in fusion_points])
+        try:
+            weights, norm_params = fusion.num_parameters([p.shape for p in fusion_points])
+        except FusionConfigError as err:
+            names = ", ".join(f"{p.task} {p.name!r}" for p in fusion_points)
+            raise FusionConfigError(f"fusion level {index + 1} ({names}): {err}") from None
         levels.append(FusionLevel(index, fusion_points, weights, norm_params))
     short_w = short_n = 0
+    level_shapes = [[p.shape for p in lv.points] for lv in levels]
     if shortcut is not None and levels:
-        short_w, short_n = shortcut.num_parameters([[p.shape for p in lv.points] for lv in levels])
+        short_w, short_n = shortcut.num_parameters(level_shapes)
+    elif hasattr(fusion, "stitched_levels") and levels:  # sluice's layer-stitch betas
+        short_w = len(traced) * len(fusion.stitched_levels(level_shapes))
     return Plan(
         tasks=tuple(t.task for t in traced),
         levels=tuple(levels),
         model_params=tuple(model_params),
         shortcut_weights=short_w,
         shortcut_norm_params=short_n,
+        fusion_kind=_kind_name(fusion),
         _traced=tuple(traced),
     )
 
@@ -576,7 +595,7 @@ def plan(
     points: Points = "auto",
     *,
     example_input: torch.Tensor | None = None,
-    fusion: NDDR | None = None,
+    fusion: Any = None,
     shortcut: bool | Shortcut = False,
     resize: bool = False,
     leaf_modules: Iterable[type] = (),

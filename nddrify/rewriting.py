@@ -31,7 +31,16 @@ from torch import nn
 from .planning import Plan
 from .tracing import QUALNAME
 
-__all__ = ["rewrite", "FusedGraphModule", "PLAN_META_KEY", "TASK_META_KEY"]
+__all__ = [
+    "rewrite",
+    "FusedGraphModule",
+    "split_at_points",
+    "copy_nodes",
+    "start_graph",
+    "finish_graph",
+    "PLAN_META_KEY",
+    "TASK_META_KEY",
+]
 
 #: ``fused.meta`` key holding the :class:`~nddrify.Plan` (without traces).
 PLAN_META_KEY = "nddrify_plan"
@@ -143,49 +152,84 @@ def _task_graph(plan: Plan, task: int, train: bool) -> fx.Graph:
     return traced.graph
 
 
-def _build_graph(plan: Plan, shortcut: bool, as_dict: bool, train: bool) -> fx.Graph:
+def split_at_points(task_graph: fx.Graph, point_names: Sequence[str]) -> list[list[fx.Node]]:
+    """The graph's nodes (placeholders and output excluded) in len(points) + 1 segments: segment l
+    ends with point l; the last segment runs to the output."""
+    by_name = {n.meta.get(QUALNAME): n for n in task_graph.nodes}
+    points = [by_name[name] for name in point_names]
+    segments: list[list[fx.Node]] = [[] for _ in range(len(points) + 1)]
+    level = 0
+    for node in task_graph.nodes:
+        if node.op not in ("placeholder", "output"):
+            segments[level].append(node)
+        if level < len(points) and node is points[level]:
+            level += 1
+    return segments
+
+
+def copy_nodes(
+    graph: fx.Graph, nodes: Sequence[fx.Node], prefix: str, env: dict[fx.Node, Any]
+) -> None:
+    """Copy ``nodes`` into ``graph``: module and attribute targets under ``prefix.``, node names
+    ``prefix_<torchvision name>``, arguments through ``env`` (which records the copies)."""
+    for node in nodes:
+        target = node.target
+        if node.op in ("call_module", "get_attr"):
+            target = f"{prefix}.{node.target}"
+        new = graph.create_node(
+            node.op,
+            target,
+            fx.map_arg(node.args, env.__getitem__),
+            fx.map_arg(node.kwargs, env.__getitem__),
+            name=f"{prefix}_{_identifier(node.meta.get(QUALNAME, node.name))}",
+            type_expr=node.type,
+        )
+        new.meta = {**node.meta, TASK_META_KEY: prefix}
+        env[node] = new
+
+
+def start_graph(first_task_graph: fx.Graph) -> tuple[fx.Graph, fx.Node]:
+    """A new graph with the single image input ``x``."""
     graph = fx.Graph()
-    graphs = [_task_graph(plan, k, train) for k in range(len(plan.tasks))]
-    first_input = next(n for n in graphs[0].nodes if n.op == "placeholder")
+    first_input = next(n for n in first_task_graph.nodes if n.op == "placeholder")
     image = graph.placeholder("x")
     image.meta = dict(first_input.meta)
+    return graph, image
 
-    envs: list[dict[fx.Node, object]] = [{} for _ in plan.tasks]
+
+def finish_graph(
+    graph: fx.Graph,
+    task_graphs: Sequence[fx.Graph],
+    envs: Sequence[dict[fx.Node, Any]],
+    tasks: Sequence[str],
+    as_dict: bool,
+) -> fx.Graph:
+    """Return every task's original output (through its env): a tuple, or a dict by task."""
+    results = []
+    for task_graph, env in zip(task_graphs, envs):
+        output = next(n for n in task_graph.nodes if n.op == "output")
+        results.append(fx.map_arg(output.args[0], env.__getitem__))
+    graph.output(dict(zip(tasks, results)) if as_dict else tuple(results))
+    graph.lint()
+    return graph
+
+
+def _build_graph(plan: Plan, shortcut: bool, as_dict: bool, train: bool) -> fx.Graph:
+    graphs = [_task_graph(plan, k, train) for k in range(len(plan.tasks))]
+    graph, image = start_graph(graphs[0])
+    envs: list[dict[fx.Node, Any]] = []
     segments: list[list[list[fx.Node]]] = []
     points: list[list[fx.Node]] = []
-    for k, (task, task_graph) in enumerate(zip(plan.tasks, graphs)):
-        by_name = {n.meta.get(QUALNAME): n for n in task_graph.nodes}
-        task_points = [by_name[name] for name in plan.points(task)]
-        points.append(task_points)
-        split: list[list[fx.Node]] = [[] for _ in range(len(task_points) + 1)]
-        level = 0
-        for node in task_graph.nodes:
-            if node.op == "placeholder":
-                envs[k][node] = image
-            elif node.op != "output":
-                split[level].append(node)
-            if level < len(task_points) and node is task_points[level]:
-                level += 1
+    for task, task_graph in zip(plan.tasks, graphs):
+        envs.append({n: image for n in task_graph.nodes if n.op == "placeholder"})
+        split = split_at_points(task_graph, plan.points(task))
         segments.append(split)
+        points.append([segment[-1] for segment in split[:-1]])
 
     fused_levels: list[list[fx.Node]] = []
     for level in range(len(plan.levels) + 1):
         for k, task in enumerate(plan.tasks):
-            env = envs[k]
-            for node in segments[k][level]:
-                target = node.target
-                if node.op in ("call_module", "get_attr"):
-                    target = f"{task}.{node.target}"
-                new = graph.create_node(
-                    node.op,
-                    target,
-                    fx.map_arg(node.args, env.__getitem__),
-                    fx.map_arg(node.kwargs, env.__getitem__),
-                    name=f"{task}_{_identifier(node.meta.get(QUALNAME, node.name))}",
-                    type_expr=node.type,
-                )
-                new.meta = {**node.meta, TASK_META_KEY: task}
-                env[node] = new
+            copy_nodes(graph, segments[k][level], task, envs[k])
         if level == len(plan.levels):
             break
         features = [envs[k][points[k][level]] for k in range(len(plan.tasks))]
@@ -213,14 +257,7 @@ def _build_graph(plan: Plan, shortcut: bool, as_dict: bool, train: bool) -> fx.G
                 )
                 item.meta = dict(outputs[k].meta)
                 envs[k][points[k][level]] = item
-
-    results = []
-    for k, task_graph in enumerate(graphs):
-        output = next(n for n in task_graph.nodes if n.op == "output")
-        results.append(fx.map_arg(output.args[0], envs[k].__getitem__))
-    graph.output(dict(zip(plan.tasks, results)) if as_dict else tuple(results))
-    graph.lint()
-    return graph
+    return finish_graph(graph, graphs, envs, plan.tasks, as_dict)
 
 
 def rewrite(

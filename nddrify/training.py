@@ -51,7 +51,7 @@ def param_groups(
     model: nn.Module,
     lr: float,
     weight_decay: float = 2.5e-4,
-    fusion_lr_mult: float = 100.0,
+    fusion_lr_mult: float | None = None,
     *,
     head: Sequence[str] = (),
     head_weight_lr_mult: float = 10.0,
@@ -64,27 +64,22 @@ def param_groups(
         lr: base learning rate.
         weight_decay: PyTorch ``weight_decay`` for conv/linear weights; the official 5e-4
             ``l2_loss`` term is 2.5e-4 here.
-        fusion_lr_mult: multiplier for every fusion-layer parameter (1×1 weights and norm).
+        fusion_lr_mult: multiplier for every fusion-layer parameter (1×1 weights and norm). The
+            default (None) uses each layer's own ``lr_mult``: 100 for NDDR layers (official
+            code), 1000 for cross-stitch and sluice units (paper Table A2).
         head: module names (with or without the task prefix, e.g. ``"classifier.6"``) that get
             ``head_weight_lr_mult`` on weights and ``head_bias_lr_mult`` on biases.
 
     Returns:
         Non-empty groups, each with ``params``, ``lr``, ``weight_decay``, ``lr_mult`` and ``name``
-        (``fusion``, ``fusion_no_decay``, ``head``, ``head_bias``, ``base``, ``base_no_decay``).
+        (``fusion``, ``fusion_no_decay``, ``head``, ``head_bias``, ``base``, ``base_no_decay``;
+        fusion groups get a ``_x<mult>`` suffix when layers of different multipliers coexist).
     """
-    specs = {
-        "fusion": (fusion_lr_mult, weight_decay),
-        "fusion_no_decay": (fusion_lr_mult, 0.0),
-        "head": (head_weight_lr_mult, weight_decay),
-        "head_bias": (head_bias_lr_mult, 0.0),
-        "base": (1.0, weight_decay),
-        "base_no_decay": (1.0, 0.0),
-    }
-    buckets: dict[str, list[torch.nn.Parameter]] = {name: [] for name in specs}
+    buckets: dict[tuple[str, float, float], list[torch.nn.Parameter]] = {}
     seen: set[int] = set()
-    fusion_prefixes = [
-        name + "." for name, m in model.named_modules() if isinstance(m, FusionLayer) and name
-    ]
+    fusion_layers = {
+        name + ".": m for name, m in model.named_modules() if isinstance(m, FusionLayer) and name
+    }
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             if id(param) in seen or not param.requires_grad:
@@ -92,26 +87,35 @@ def param_groups(
             seen.add(id(param))
             decayed = isinstance(module, _DECAYED) and param_name == "weight"
             full = f"{module_name}.{param_name}" if module_name else param_name
-            if any(full.startswith(p) for p in fusion_prefixes):
-                buckets["fusion" if decayed else "fusion_no_decay"].append(param)
+            layer = next((m for p, m in fusion_layers.items() if full.startswith(p)), None)
+            if layer is not None:
+                mult = fusion_lr_mult if fusion_lr_mult is not None else layer.lr_mult
+                key = ("fusion" if decayed else "fusion_no_decay", mult, weight_decay * decayed)
             elif _matches(module_name, head):
-                buckets["head" if param_name != "bias" else "head_bias"].append(param)
+                key = (
+                    ("head", head_weight_lr_mult, weight_decay)
+                    if param_name != "bias"
+                    else ("head_bias", head_bias_lr_mult, 0.0)
+                )
             else:
-                buckets["base" if decayed else "base_no_decay"].append(param)
+                key = ("base" if decayed else "base_no_decay", 1.0, weight_decay * decayed)
+            buckets.setdefault(key, []).append(param)
+    fusion_mults = {mult for (name, mult, _) in buckets if name.startswith("fusion")}
     groups = []
-    for name, params in buckets.items():
-        if params:
-            mult, decay = specs[name]
-            groups.append(
-                {
-                    "params": params,
-                    "lr": lr * mult,
-                    "weight_decay": decay,
-                    "lr_mult": mult,
-                    "name": name,
-                }
-            )
-    return groups
+    for (name, mult, decay), params in buckets.items():
+        if name.startswith("fusion") and len(fusion_mults) > 1:
+            name = f"{name}_x{mult:g}"
+        groups.append(
+            {
+                "params": params,
+                "lr": lr * mult,
+                "weight_decay": decay,
+                "lr_mult": mult,
+                "name": name,
+            }
+        )
+    order = ["fusion", "fusion_no_decay", "head", "head_bias", "base", "base_no_decay"]
+    return sorted(groups, key=lambda g: (order.index(g["name"].split("_x")[0]), g["lr_mult"]))
 
 
 def fused_plan(fused: nn.Module) -> Plan:
@@ -164,9 +168,8 @@ def task_state_dict(fused: nn.Module, task: str | int) -> OrderedDict[str, torch
         task = tasks[task]
     if task not in tasks:
         raise ModelsError(f"no task {task!r} in this fused model; its tasks are {list(tasks)}.")
-    prefix = task + "."
-    return OrderedDict(
-        (key[len(prefix) :], value)
-        for key, value in fused.state_dict().items()
-        if key.startswith(prefix)
-    )
+    state = fused.state_dict()
+    weights: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for prefix in ("shared.", task + "."):  # a hard-sharing model's trunk belongs to every task
+        weights.update((k[len(prefix) :], v) for k, v in state.items() if k.startswith(prefix))
+    return weights
