@@ -257,3 +257,30 @@ def test_inspect_shows_every_kind(capsys) -> None:
         == 0
     )
     assert '"fusion_weights": ' in capsys.readouterr().out
+
+
+def test_readme_custom_fusion_example() -> None:
+    """The README's custom-fusion example, verbatim in spirit: a factory plus a FusionLayer."""
+    from nddrify.layers import FusionLayer
+
+    class MeanLayer(FusionLayer):
+        def forward(self, *maps):
+            mean = torch.stack(maps).mean(dim=0)
+            return tuple(mean for _ in maps)
+
+    class Averaging:
+        def __call__(self, shapes, nonnegative=None, channels_last=None):
+            return MeanLayer()
+
+        def num_parameters(self, shapes):
+            return (0, 0)
+
+    a, b = TinyCNN(), TinyCNN()
+    x = torch.randn(2, 3, 32, 32)
+    fused = nddrify.fuse([a, b], fusion=Averaging(), points=["stage2"], example_input=x[:1]).eval()
+    a.eval(), b.eval()
+    with torch.no_grad():
+        mean = (a.stage2(a.stage1(a.stem(x))) + b.stage2(b.stage1(b.stem(x)))) / 2
+        expected = a.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(mean, 1), 1))
+        assert torch.allclose(fused(x)[0], expected, atol=1e-6)
+    assert nddrify.overhead(fused).fusion_weights == 0
