@@ -43,6 +43,21 @@ def test_save_and_load_from_specs_needs_no_code(tmp_path) -> None:
             assert torch.equal(loaded(x)[task], fused(x)[task])
 
 
+@pytest.mark.parametrize(
+    "fusion", ["cross_stitch", "sluice", nddrify.NDDR(rank=4), nddrify.NDDR(groups=2)], ids=str
+)
+def test_every_builtin_kind_round_trips(tmp_path, fusion) -> None:
+    specs = ["tests.models:TinyCNN", "tests.models:TinyCNN"]
+    fused = nddrify.fuse(specs, fusion=fusion, example_input=torch.randn(1, 3, 32, 32)).eval()
+    _randomise(fused)
+    nddrify.save(fused, tmp_path / "f.pt")
+    loaded = nddrify.load(tmp_path / "f.pt").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for got, want in zip(loaded(x), fused(x)):
+            assert torch.equal(got, want)
+
+
 def test_models_without_specs_are_passed_at_load(tmp_path) -> None:
     x = torch.randn(1, 3, 32, 32)
     fused = nddrify.fuse([TinyCNN(), TinyCNN(classes=3)], example_input=x, norm=None)
