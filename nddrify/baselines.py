@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .errors import FusionConfigError
-from .layers import FusionLayer, Init, default_init
+from .layers import FusionLayer, Init, _from_nchw, _to_nchw, default_init
 
 __all__ = [
     "CrossStitch",
@@ -65,14 +65,6 @@ def _equal_widths(shapes: Sequence[Sequence[int]], kind: str) -> int:
     return channels[0]
 
 
-def _to_nchw(x: torch.Tensor, last: bool) -> torch.Tensor:
-    return x.permute(0, 3, 1, 2) if last else x
-
-
-def _from_nchw(x: torch.Tensor, last: bool) -> torch.Tensor:
-    return x.permute(0, 2, 3, 1) if last else x
-
-
 class CrossStitchLayer(FusionLayer):
     """``out_i = Σ_j a_ij · x_j``; ``a`` is K×K (scalar) or K×K×C (per channel)."""
 
@@ -97,14 +89,12 @@ class CrossStitchLayer(FusionLayer):
         self.channels_last = tuple(channels_last or (False,) * num_tasks)
 
     def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        stacked = torch.stack(
-            [_to_nchw(f, last) for f, last in zip(features, self.channels_last)]
-        )  # K×N×C×H×W
+        stacked = torch.stack(_to_nchw(features, self.channels_last))  # K×N×C×H×W
         if self.weight.dim() == 2:
             mixed = torch.einsum("ij,jnchw->inchw", self.weight, stacked)
         else:
             mixed = torch.einsum("ijc,jnchw->inchw", self.weight, stacked)
-        return tuple(_from_nchw(m, last) for m, last in zip(mixed.unbind(0), self.channels_last))
+        return _from_nchw(mixed.unbind(0), self.channels_last)
 
 
 @dataclass(frozen=True)
@@ -172,14 +162,14 @@ class SluiceLayer(FusionLayer):
         self.channels_last = tuple(channels_last or (False,) * num_tasks)
 
     def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        maps = [_to_nchw(f, last) for f, last in zip(features, self.channels_last)]
+        maps = _to_nchw(features, self.channels_last)
         n, c, h, w = maps[0].shape
         k, s = len(maps), self.subspaces
         stacked = torch.stack(maps).reshape(k, n, s, c // s, h, w).transpose(1, 2)
         stacked = stacked.reshape(k * s, n, c // s, h, w)
         mixed = torch.einsum("ab,bnchw->anchw", self.weight, stacked)
         mixed = mixed.reshape(k, s, n, c // s, h, w).transpose(1, 2).reshape(k, n, c, h, w)
-        return tuple(_from_nchw(m, last) for m, last in zip(mixed.unbind(0), self.channels_last))
+        return _from_nchw(mixed.unbind(0), self.channels_last)
 
 
 class LayerStitchLayer(FusionLayer):

@@ -190,7 +190,30 @@ def _from_nchw(
     return tuple(f.permute(0, 2, 3, 1) if last else f for f, last in zip(features, channels_last))
 
 
-class NDDRLayer(FusionLayer):
+class _PerTaskOutputs(FusionLayer):
+    """Shared tail of the NDDR-style layers: per task a norm and an activation, and the layout
+    of each task's maps (channels-last maps are fused as N×C×H×W and returned as they came)."""
+
+    def _set_outputs(
+        self,
+        channels: Sequence[int],
+        norm: Norm,
+        activation: Activation,
+        nonnegative: Sequence[bool] | None,
+        channels_last: Sequence[bool] | None,
+    ) -> None:
+        count = len(channels)
+        nonnegative = tuple(nonnegative) if nonnegative is not None else (False,) * count
+        self.norms = nn.ModuleList(_make_norm(norm, c) for c in channels)
+        self.activations = nn.ModuleList(_make_activation(activation, n) for n in nonnegative)
+        self.channels_last = tuple(bool(c) for c in channels_last or (False,) * count)
+
+    def _finish(self, mixed: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        outputs = [act(norm(x)) for x, norm, act in zip(mixed, self.norms, self.activations)]
+        return _from_nchw(outputs, self.channels_last)
+
+
+class NDDRLayer(_PerTaskOutputs):
     """NDDR fusion of K feature maps into K feature maps (one 1×1 conv, norm, activation per task).
 
     Args:
@@ -227,14 +250,11 @@ class NDDRLayer(FusionLayer):
     ) -> None:
         super().__init__()
         self.in_channels = tuple(int(c) for c in in_channels)
-        self.channels_last = tuple(bool(c) for c in channels_last or (False,) * len(in_channels))
         if len(self.in_channels) < 2:
             raise FusionConfigError(f"NDDR fuses at least two tasks, got {len(self.in_channels)}.")
-        nonnegative = tuple(nonnegative) if nonnegative is not None else (False,) * len(in_channels)
         total = sum(self.in_channels)
         self.convs = nn.ModuleList(nn.Conv2d(total, c, 1, bias=False) for c in self.in_channels)
-        self.norms = nn.ModuleList(_make_norm(norm, c) for c in self.in_channels)
-        self.activations = nn.ModuleList(_make_activation(activation, nn_) for nn_ in nonnegative)
+        self._set_outputs(self.in_channels, norm, activation, nonnegative, channels_last)
         self.resize = resize
         self.reset_parameters(init)
 
@@ -263,15 +283,14 @@ class NDDRLayer(FusionLayer):
                 size = own.shape[-2:]
                 stacked = torch.cat([resize_bilinear(f, size, self.resize) for f in features], 1)
                 mixed.append(conv(stacked))
-        outputs = [act(norm(x)) for x, norm, act in zip(mixed, self.norms, self.activations)]
-        return _from_nchw(outputs, self.channels_last)
+        return self._finish(mixed)
 
     def extra_repr(self) -> str:
         layouts = "" if not any(self.channels_last) else f", channels_last={self.channels_last}"
         return f"in_channels={self.in_channels}{layouts}"
 
 
-class NDDRLowRankLayer(FusionLayer):
+class NDDRLowRankLayer(_PerTaskOutputs):
     """Cheaper NDDR: a learned diagonal mixing (own block α·I, other blocks β·I, one weight per
     channel) plus a low-rank correction ΣC → r → C_i whose up-projection starts at zero, so the
     diagonal init semantics hold exactly (α=1, β=0 is the identity). Parameters: K·ΣC diagonal
@@ -307,10 +326,7 @@ class NDDRLowRankLayer(FusionLayer):
         self.ups = nn.ModuleList(nn.Conv2d(rank, c, 1, bias=False) for c in self.in_channels)
         for up in self.ups:
             nn.init.zeros_(up.weight)
-        nonnegative = tuple(nonnegative) if nonnegative is not None else (False,) * num_tasks
-        self.norms = nn.ModuleList(_make_norm(norm, c) for c in self.in_channels)
-        self.activations = nn.ModuleList(_make_activation(activation, n) for n in nonnegative)
-        self.channels_last = tuple(bool(c) for c in channels_last or (False,) * num_tasks)
+        self._set_outputs(self.in_channels, norm, activation, nonnegative, channels_last)
 
     def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, ...]:
         features = _to_nchw(features, self.channels_last)
@@ -322,11 +338,11 @@ class NDDRLowRankLayer(FusionLayer):
                 m = min(c_i, x_j.shape[1])
                 term = self.diagonal[i][j, :m, None, None] * x_j[:, :m]
                 mixed = mixed + (F.pad(term, (0, 0, 0, 0, 0, c_i - m)) if m < c_i else term)
-            outputs.append(self.activations[i](self.norms[i](mixed)))
-        return _from_nchw(outputs, self.channels_last)
+            outputs.append(mixed)
+        return self._finish(outputs)
 
 
-class NDDRGroupedLayer(FusionLayer):
+class NDDRGroupedLayer(_PerTaskOutputs):
     """Cheaper NDDR: a grouped 1×1 convolution over the concatenation, where group g holds the
     g-th slice of every task's channels, so every group still mixes all tasks. Diagonal init
     within each group; parameters ΣC·ΣC/groups instead of ΣC·ΣC."""
@@ -344,7 +360,6 @@ class NDDRGroupedLayer(FusionLayer):
     ) -> None:
         super().__init__()
         self.in_channels = tuple(int(c) for c in in_channels)
-        num_tasks = len(self.in_channels)
         if groups < 1 or any(c % groups for c in self.in_channels):
             raise FusionConfigError(
                 f"grouped NDDR needs every width {list(self.in_channels)} divisible by "
@@ -364,10 +379,7 @@ class NDDRGroupedLayer(FusionLayer):
         self.register_buffer("task_order", torch.argsort(order_t), persistent=False)
         self.conv = nn.Conv2d(total, total, 1, groups=groups, bias=False)
         self.groups = groups
-        nonnegative = tuple(nonnegative) if nonnegative is not None else (False,) * num_tasks
-        self.norms = nn.ModuleList(_make_norm(norm, c) for c in self.in_channels)
-        self.activations = nn.ModuleList(_make_activation(activation, n) for n in nonnegative)
-        self.channels_last = tuple(bool(c) for c in channels_last or (False,) * num_tasks)
+        self._set_outputs(self.in_channels, norm, activation, nonnegative, channels_last)
         self.reset_parameters(init)
 
     def reset_parameters(self, init: Init = None) -> None:
@@ -396,8 +408,7 @@ class NDDRGroupedLayer(FusionLayer):
         features = _to_nchw(features, self.channels_last)
         stacked = torch.cat(features, dim=1).index_select(1, self.group_order)
         mixed = self.conv(stacked).index_select(1, self.task_order).split(self.in_channels, 1)
-        outputs = [act(norm(x)) for x, norm, act in zip(mixed, self.norms, self.activations)]
-        return _from_nchw(outputs, self.channels_last)
+        return self._finish(mixed)
 
 
 class NDDRShortcutLayer(FusionLayer):
