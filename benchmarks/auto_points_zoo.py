@@ -54,7 +54,7 @@ import torch.fx as fx
 import nddrify
 from nddrify.graph_analysis import annotate, feature_shape, shape_of, stage_ends, stage_module
 
-DEFAULT_ZOO = Path("/work/shared/dev-zoo.txt")
+DEFAULT_ZOO = Path(__file__).resolve().parents[2] / "shared" / "dev-zoo.txt"  # ../shared
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 AGREEMENT_DEFINITION = (

@@ -91,8 +91,10 @@ TOO_SLOW: dict[str, str] = {
 #: Models that fail a check, with the reason (the tests mark them ``xfail(strict=True)``).
 KNOWN_FAILURES: dict[str, str] = {
     "timm/coat_tiny": (
-        "nddrify bug: the only auto point, parallel_blocks.5.interpolate_5, does not reach the "
-        "output (its NDDR layer gets zero gradient and perturbing it leaves the outputs unchanged)"
+        "the only image map, parallel_blocks.5.interpolate_5, is on the graph path to the output "
+        "but its values never reach it (CoaT's head reads the class token, which this map's "
+        "attention path does not change): its NDDR layer gets zero gradient. Not detectable from "
+        "the graph structure; fuse CoaT's token stages needs token fusion, not offered"
     ),
 }
 

@@ -3,9 +3,12 @@
 Everything here is derived from the graph alone (node ops, module types, shapes from ShapeProp and
 torchvision-style node names); no model-specific metadata is consulted.
 
-* **Layout**: which 4-D values are N×C×H×W. Convolutions, norms and pools produce NCHW; constant
-  ``permute`` calls are followed exactly, so the NHWC maps inside ConvNeXt blocks or Swin stages are
-  recognised as such and never offered as fusion points.
+* **Layout**: which 4-D values are image maps, NCHW or NHWC (channels last). Convolutions, norms
+  and pools produce NCHW; constant ``permute`` calls are followed exactly (the NHWC maps of
+  ConvNeXt blocks, Swin or MambaOut stages). Token values derived from an image map are tracked
+  internally (``x.flatten(2).transpose(1, 2)``, Swin windows, NesT blocks), so a reshape back to
+  the map's exact (N, H, W, C) or (N, C, H, W) recovers the layout (PVT-v2, CAFormer, Swin stage
+  ends); patch merging through higher-rank reshapes is recognised as space-to-depth.
 * **Spine**: the nodes every path from the input to the deepest feature map passes through
   (dominators, via networkx). Skip connections that bypass later stages on their way to the output
   do not remove a node from the spine.
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import networkx as nx
 import torch
@@ -458,12 +461,14 @@ def spine(graph: fx.Graph) -> list[fx.Node]:
     """Feature-map nodes every path from the input to the deepest feature map passes through.
 
     Returned in execution order, ending with the deepest feature map itself (the last node at the
-    lowest resolution the input reaches). Empty when the graph has no NCHW feature maps.
+    lowest resolution on a path from the input to the output; a side branch the output does not
+    use is never the target). Empty when the graph has no image feature maps.
     """
     annotate(graph)
     source = _image_input(graph)
     dg = _digraph(graph)
-    reachable = nx.descendants(dg, source)
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    reachable = nx.descendants(dg, source) & nx.ancestors(dg, output)
     target = _deepest_feature_map(graph, reachable)
     if target is None:
         return []
@@ -817,11 +822,3 @@ def stage_ends(graph: fx.Graph) -> list[fx.Node]:
             seen.add(node)
             ordered.append(node)
     return ordered
-
-
-def node_names(nodes: Iterable[fx.Node]) -> list[str]:
-    return [n.meta[QUALNAME] for n in nodes]
-
-
-# The rewriter recognises these as the guards fx inserts for specialised arguments.
-GUARD_FUNCTIONS = {torch._assert, torch.fx._symbolic_trace._assert_is_none, operator.eq}
