@@ -55,7 +55,7 @@ __all__ = [
 #: ``"auto"``, an int N (the last N auto points), names shared by all tasks, or one list per task.
 Points = str | int | Sequence[str] | Sequence[Sequence[str]] | Mapping[str, Sequence[str]]
 
-_RESERVED = {"x", "shortcut", "self", "torch"}
+_RESERVED = {"x", "shortcut", "shared", "self", "torch"}
 
 
 @dataclass(frozen=True)
@@ -249,9 +249,6 @@ class TaskModels:
     specs: tuple[str | None, ...]
     as_dict: bool
 
-    def as_mapping(self) -> dict[str, nn.Module]:
-        return dict(zip(self.names, self.modules))
-
 
 def resolve_models(models: Any) -> TaskModels:
     """Validate ``models`` (a list or dict of ``nn.Module`` or spec strings such as
@@ -287,7 +284,7 @@ def resolve_models(models: Any) -> TaskModels:
         if not name.isidentifier() or name in _RESERVED or name.startswith("nddr"):
             raise ModelsError(
                 f"task name {name!r} cannot be used: task names become attribute names of the "
-                "fused module, so use a Python identifier that is not 'x', 'shortcut' and does "
+                "fused module, so use a Python identifier that is not 'x', 'shortcut', 'shared' and does "
                 "not start with 'nddr' (e.g. 'seg', 'normal')."
             )
     placements = {}
