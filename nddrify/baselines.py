@@ -89,12 +89,13 @@ class CrossStitchLayer(FusionLayer):
         self.channels_last = tuple(channels_last or (False,) * num_tasks)
 
     def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        stacked = torch.stack(_to_nchw(features, self.channels_last))  # K×N×C×H×W
-        if self.weight.dim() == 2:
-            mixed = torch.einsum("ij,jnchw->inchw", self.weight, stacked)
-        else:
-            mixed = torch.einsum("ijc,jnchw->inchw", self.weight, stacked)
-        return _from_nchw(mixed.unbind(0), self.channels_last)
+        maps = _to_nchw(features, self.channels_last)
+        weight = self.weight if self.weight.dim() == 3 else self.weight[:, :, None]
+        mixed = [  # one fresh tensor per task (not views of a stacked result)
+            sum(weight[i, j].view(1, -1, 1, 1) * x_j for j, x_j in enumerate(maps))
+            for i in range(len(maps))
+        ]
+        return _from_nchw(mixed, self.channels_last)
 
 
 @dataclass(frozen=True)
@@ -168,8 +169,10 @@ class SluiceLayer(FusionLayer):
         stacked = torch.stack(maps).reshape(k, n, s, c // s, h, w).transpose(1, 2)
         stacked = stacked.reshape(k * s, n, c // s, h, w)
         mixed = torch.einsum("ab,bnchw->anchw", self.weight, stacked)
-        mixed = mixed.reshape(k, s, n, c // s, h, w).transpose(1, 2).reshape(k, n, c, h, w)
-        return _from_nchw(mixed.unbind(0), self.channels_last)
+        outputs = [  # cat gives each task its own tensor (not a view of the mixed stack)
+            torch.cat(list(mixed[i * s : (i + 1) * s]), dim=1) for i in range(k)
+        ]
+        return _from_nchw(outputs, self.channels_last)
 
 
 class LayerStitchLayer(FusionLayer):

@@ -274,9 +274,9 @@ class NDDRLayer(_PerTaskOutputs):
         features = _to_nchw(features, self.channels_last)
         if self.resize is None:
             stacked = torch.cat(features, dim=1)
-            # One convolution over the stacked weights computes every task's 1×1 conv at once.
-            weight = torch.cat([conv.weight for conv in self.convs], dim=0)
-            mixed = F.conv2d(stacked, weight).split(self.in_channels, dim=1)
+            # One convolution per task: each output is its own tensor (not a view of a shared
+            # one), so downstream in-place ops and memory-format choices behave as in the model.
+            mixed = [conv(stacked) for conv in self.convs]
         else:
             mixed = []
             for conv, own in zip(self.convs, features):
@@ -407,7 +407,12 @@ class NDDRGroupedLayer(_PerTaskOutputs):
     def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, ...]:
         features = _to_nchw(features, self.channels_last)
         stacked = torch.cat(features, dim=1).index_select(1, self.group_order)
-        mixed = self.conv(stacked).index_select(1, self.task_order).split(self.in_channels, 1)
+        grouped = self.conv(stacked)
+        bounds = torch.tensor((0, *self.in_channels)).cumsum(0).tolist()
+        mixed = [  # index_select gives each task its own tensor (not a view)
+            grouped.index_select(1, self.task_order[start:end])
+            for start, end in zip(bounds[:-1], bounds[1:])
+        ]
         return self._finish(mixed)
 
 

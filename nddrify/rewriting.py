@@ -214,6 +214,26 @@ def finish_graph(
     return graph
 
 
+def _is_inplace(node: fx.Node, module: nn.Module) -> bool:
+    if node.op == "call_module":
+        return bool(getattr(module.get_submodule(node.target), "inplace", False))
+    if node.op == "call_function":
+        return bool(node.kwargs.get("inplace", False))
+    return node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_")
+
+
+def _guard_inplace(
+    graph: fx.Graph, item: fx.Node, point: fx.Node, plan: Plan, task: int
+) -> fx.Node:
+    """The fused map for ``point``'s users: a clone when one of them works in place (the fusion
+    layer may need its output for backward, e.g. after its ReLU)."""
+    if not any(_is_inplace(user, plan._traced[task].module) for user in point.users):
+        return item
+    clone = graph.call_method("clone", (item,))
+    clone.meta = dict(item.meta)
+    return clone
+
+
 def _build_graph(plan: Plan, shortcut: bool, as_dict: bool, train: bool) -> fx.Graph:
     graphs = [_task_graph(plan, k, train) for k in range(len(plan.tasks))]
     graph, image = start_graph(graphs[0])
@@ -246,8 +266,8 @@ def _build_graph(plan: Plan, shortcut: bool, as_dict: bool, train: bool) -> fx.G
                 "tensor_meta": features[k].meta.get("tensor_meta"),
                 TASK_META_KEY: point.task,
             }
-            envs[k][points[k][level]] = item
             outputs.append(item)
+            envs[k][points[k][level]] = _guard_inplace(graph, item, points[k][level], plan, k)
         fused_levels.append(outputs)
         if shortcut and level == len(plan.levels) - 1:
             call = graph.call_module("shortcut", (tuple(tuple(lv) for lv in fused_levels),))
@@ -256,7 +276,9 @@ def _build_graph(plan: Plan, shortcut: bool, as_dict: bool, train: bool) -> fx.G
                     "call_function", operator.getitem, (call, k), name=f"{task}_shortcut"
                 )
                 item.meta = dict(outputs[k].meta)
-                envs[k][points[k][level]] = item
+                envs[k][points[k][level]] = _guard_inplace(
+                    graph, item, points[k][level], plan, k
+                )
     return finish_graph(graph, graphs, envs, plan.tasks, as_dict)
 
 
