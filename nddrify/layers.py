@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -411,7 +412,7 @@ class NDDRGroupedLayer(_PerTaskOutputs):
         bounds = torch.tensor((0, *self.in_channels)).cumsum(0).tolist()
         mixed = [  # index_select gives each task its own tensor (not a view)
             grouped.index_select(1, self.task_order[start:end])
-            for start, end in zip(bounds[:-1], bounds[1:])
+            for start, end in itertools.pairwise(bounds)
         ]
         return self._finish(mixed)
 

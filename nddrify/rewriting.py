@@ -219,7 +219,9 @@ def _is_inplace(node: fx.Node, module: nn.Module) -> bool:
         return bool(getattr(module.get_submodule(node.target), "inplace", False))
     if node.op == "call_function":
         return bool(node.kwargs.get("inplace", False))
-    return node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_")
+    return (
+        node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_")
+    )
 
 
 def _guard_inplace(
@@ -276,9 +278,7 @@ def _build_graph(plan: Plan, shortcut: bool, as_dict: bool, train: bool) -> fx.G
                     "call_function", operator.getitem, (call, k), name=f"{task}_shortcut"
                 )
                 item.meta = dict(outputs[k].meta)
-                envs[k][points[k][level]] = _guard_inplace(
-                    graph, item, points[k][level], plan, k
-                )
+                envs[k][points[k][level]] = _guard_inplace(graph, item, points[k][level], plan, k)
     return finish_graph(graph, graphs, envs, plan.tasks, as_dict)
 
 
