@@ -52,7 +52,8 @@ __all__ = [
     "Points",
 ]
 
-#: ``"auto"``, an int N (the last N auto points), names shared by all tasks, or one list per task.
+#: ``"auto"`` (stage ends from the graph), ``"declared"`` (timm's ``feature_info``), an int N (the
+#: last N auto points), names shared by all tasks, or one list per task.
 Points = str | int | Sequence[str] | Sequence[Sequence[str]] | Mapping[str, Sequence[str]]
 
 _RESERVED = {"x", "shortcut", "shared", "self", "torch"}
@@ -461,12 +462,29 @@ def _resolve(names: Sequence[str], traced: TracedModel) -> list[fx.Node]:
     return nodes
 
 
+def _declared_points(traced: TracedModel) -> list[str]:
+    """The stage modules a model declares in timm's ``feature_info`` metadata."""
+    info = getattr(traced.module, "feature_info", None)
+    if hasattr(info, "module_name"):  # timm's FeatureInfo
+        info = [{"module": info.module_name(i)} for i in range(len(info))]
+    if not isinstance(info, (list, tuple)) or not all(
+        isinstance(d, Mapping) and "module" in d for d in info
+    ):
+        raise PointError(
+            f"task {traced.task!r}: {type(traced.module).__name__} declares no feature_info "
+            "(timm models do); use points='auto' to find the stage ends from the graph."
+        )
+    return [str(d["module"]) for d in info]
+
+
 def _select(points: Points, traced: Sequence[TracedModel]) -> list[list[tuple[fx.Node, str]]]:
     """Per task, the chosen nodes and their labels (the name the user gave, or the stage module)."""
     names = [t.task for t in traced]
     if isinstance(points, bool):
         raise PointError(f"points={points!r} is not valid; use 'auto', an int, or a list of names.")
-    if points == "auto" or isinstance(points, int):
+    if points == "declared":
+        points = [_declared_points(t) for t in traced]
+    elif points == "auto" or isinstance(points, int):
         auto = [_candidates(t)[1] for t in traced]
         per_task = auto
         for t, chosen in zip(traced, per_task):
@@ -604,8 +622,10 @@ def plan(
     Args:
         models: two or more models, as a list (tasks ``task0, task1, …``) or a dict (named tasks);
             a model may be a spec string such as ``"torchvision:vgg16"`` or ``"timm:resnet50"``.
-        points: ``"auto"`` (stage ends), an int N (the last N auto points), a list of module or node
-            names shared by every task, a list of per-task lists, or a dict task → list.
+        points: ``"auto"`` (stage ends found from the graph), ``"declared"`` (the stage modules
+            a timm model declares in ``feature_info``), an int N (the last N auto points), a list
+            of module or node names shared by every task, a list of per-task lists, or a dict
+            task → list.
         example_input: input for shape propagation (default 1×3×224×224 or the model's own size).
         fusion: the fusion layer factory used for the parameter count (default :class:`NDDR`).
         shortcut: include an NDDR-Shortcut (``True`` or :class:`Shortcut` options).

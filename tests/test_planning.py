@@ -222,3 +222,18 @@ def test_stage_module_names_read_like_modules() -> None:
     traced = nddrify.trace_model(tv.resnet18())
     points = stage_ends(traced.graph)
     assert [stage_module(n, points, traced.graph) for n in points] == RESNET_POINTS
+
+
+def test_declared_points_follow_timm_feature_info() -> None:
+    models = [timm.create_model("resnet18"), timm.create_model("resnet18")]
+    plan = nddrify.plan(models, points="declared")
+    assert [lv.points[0].name for lv in plan.levels] == [
+        "act1",
+        "layer1",
+        "layer2",
+        "layer3",
+        "layer4",
+    ]
+    assert nddrify.plan(models).levels[0].points[0].name == "maxpool"  # the graph's choice
+    with pytest.raises(nddrify.PointError, match="declares no feature_info"):
+        nddrify.plan([tv.resnet18(), tv.resnet18()], points="declared")
