@@ -267,8 +267,9 @@ def _propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor, task: str
     without gradients) for the rare op that has no fake implementation."""
     with torch.no_grad():
         try:
-            fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-            ShapeProp(gm, fake_mode=fake_mode).propagate(example_input)
+            # Real parameters enter the fake mode as non-fake inputs: no copy of the model.
+            with FakeTensorMode(allow_non_fake_inputs=True) as fake_mode:
+                ShapeProp(gm).propagate(fake_mode.from_tensor(example_input))
             return
         except Exception:
             pass
