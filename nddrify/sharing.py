@@ -64,10 +64,11 @@ def _check_same_trunk(plan: Plan, trunks: Sequence[Sequence[fx.Node]]) -> None:
     for traced, trunk in zip(plan._traced[1:], trunks[1:]):
         mine = [_signature(n, traced.module) for n in trunk]
         if mine != reference:
-            where = next(
-                (a[0] for a, b in zip(mine, reference) if a != b),
-                mine[len(reference)][0] if len(mine) > len(reference) else reference[-1][0],
+            first = next(
+                (i for i, (a, b) in enumerate(zip(mine, reference)) if a != b),
+                min(len(mine), len(reference)),
             )
+            where = (mine if first < len(mine) else reference)[first][0]
             raise ModelsError(
                 f"hard sharing needs the same architecture up to the split point; task "
                 f"{traced.task!r} differs from task {plan.tasks[0]!r} at node {where!r}. Choose "
