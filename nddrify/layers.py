@@ -504,7 +504,7 @@ class NDDR:
         >>> from nddrify import NDDR
         >>> shapes = [(1, 64, 112, 112), (1, 64, 112, 112)]
         >>> NDDR().num_parameters(shapes), NDDR(rank=16).num_parameters(shapes)
-        ((8192, 256), (4352, 256))
+        ((16384, 256), (4352, 256))
     """
 
     init: Init = None
