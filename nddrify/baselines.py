@@ -19,7 +19,7 @@ Example:
     >>> import torch, nddrify
     >>> layer = nddrify.CrossStitch()([(1, 4, 8, 8), (1, 4, 8, 8)])
     >>> a, b = torch.ones(1, 4, 8, 8), torch.zeros(1, 4, 8, 8)
-    >>> [round(float(t.mean()), 4) for t in layer(a, b)]
+    >>> [round(float(t.mean().detach()), 4) for t in layer(a, b)]
     [0.9, 0.1]
 """
 
