@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 from .errors import FusionConfigError
 
@@ -254,7 +255,10 @@ class NDDRLayer(_PerTaskOutputs):
         if len(self.in_channels) < 2:
             raise FusionConfigError(f"NDDR fuses at least two tasks, got {len(self.in_channels)}.")
         total = sum(self.in_channels)
-        self.convs = nn.ModuleList(nn.Conv2d(total, c, 1, bias=False) for c in self.in_channels)
+        # skip_init: reset_parameters below writes every weight (diagonal or Xavier).
+        self.convs = nn.ModuleList(
+            skip_init(nn.Conv2d, total, c, 1, bias=False) for c in self.in_channels
+        )
         self._set_outputs(self.in_channels, norm, activation, nonnegative, channels_last)
         self.resize = resize
         self.reset_parameters(init)
