@@ -10,6 +10,7 @@ call is reported as ``cold`` (caches empty) and the median of the next repeats a
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -41,6 +42,7 @@ def _measure(model: str, operation: str, repeats: int) -> dict:
         result = run(models)
         times.append(time.perf_counter() - start)
         del result
+        gc.collect()  # fx graphs and their modules reference each other: free them now
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     params = sum(p.numel() for p in models[0].parameters())
     return {
