@@ -166,21 +166,6 @@ def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
     return [n for n in node.all_input_nodes if shape_of(n) is not None]
 
 
-def _permutation(node: fx.Node) -> tuple[int, ...] | None:
-    """Constant dims of a ``permute`` call, else None."""
-    if node.op == "call_method" and node.target == "permute":
-        dims = node.args[1:]
-        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
-            dims = tuple(dims[0])
-    elif node.op == "call_function" and node.target is torch.permute:
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dims")
-    else:
-        return None
-    if dims is not None and all(isinstance(d, int) for d in dims):
-        return tuple(d % 4 for d in dims)
-    return None
-
-
 def _leads_with_nchw_op(module: nn.Module | None) -> bool:
     """A leaf container (torchvision's ``Conv2dNormActivation``, say) whose first op is a conv,
     norm or pool and that holds nothing that could leave N×C×H×W (linear layers, layer norms,
@@ -349,7 +334,7 @@ def _image_layout(node: fx.Node, shape: tuple[int, ...], layouts: dict):
     if _is_op(node, _NCHW_MODULES, _NCHW_FUNCTIONS):
         return _NCHW
     inputs = [n for n in _tensor_inputs(node) if len(shape_of(n)) == 4]
-    dims = _permutation(node)
+    dims = _moved_dims(node, 4)  # a constant permute or transpose of a 4-D value
     if dims is not None:
         source = layouts.get(inputs[0]) if inputs else None
         return tuple(source[d] for d in dims) if source in (_NCHW, _NHWC) else None
