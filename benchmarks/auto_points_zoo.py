@@ -50,6 +50,7 @@ from pathlib import Path
 
 import torch
 import torch.fx as fx
+from model_sweep import read_zoo  # benchmarks/ is on sys.path when run as a script
 
 import nddrify
 from nddrify.graph_analysis import annotate, feature_shape, shape_of, stage_ends, stage_module
@@ -73,16 +74,6 @@ AGREEMENT_DEFINITION = (
     "3-D token sequence at the traced node cannot agree (nddrify offers image maps only). No "
     "model is counted as agreeing by hand."
 )
-
-
-def read_zoo(path: Path) -> list[str]:
-    """Model names in ``path``: one a line, blank lines and ``#`` comments skipped."""
-    names = []
-    for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            names.append(line)
-    return names
 
 
 def _has_parameters(node: fx.Node) -> bool:
