@@ -311,13 +311,7 @@ def test_bad_input_gets_a_named_error(entry: BadInput) -> None:
 
 
 def test_all_errors_share_one_base_class() -> None:
-    for name in (
-        "ModelsError",
-        "TraceError",
-        "PointError",
-        "ShapeMismatchError",
-        "FusionConfigError",
-        "SpecError",
-        "CheckpointError",
-    ):
+    errors = [n for n in nddrify.__all__ if n.endswith("Error") and n != "NddrifyError"]
+    assert len(errors) == 7
+    for name in errors:
         assert issubclass(getattr(nddrify, name), nddrify.NddrifyError)
