@@ -11,6 +11,7 @@ Example:
 """
 
 from .baselines import CrossStitch, Sluice
+from .batching import BatchedFusedModel, BatchingError, BatchingReport, batch_tasks, batching_report
 from .checkpoint import CheckpointError, load, save
 from .errors import (
     FusionConfigError,
@@ -43,6 +44,8 @@ __version__ = "0.1.0"
 __all__ = [
     "fuse",
     "share",
+    "batch_tasks",
+    "batching_report",
     "plan",
     "get_fusion_candidates",
     "param_groups",
@@ -61,6 +64,8 @@ __all__ = [
     "NDDRShortcutLayer",
     "Plan",
     "FusedGraphModule",
+    "BatchedFusedModel",
+    "BatchingReport",
     "FusionLevel",
     "FusionPoint",
     "Candidate",
@@ -74,4 +79,5 @@ __all__ = [
     "FusionConfigError",
     "SpecError",
     "CheckpointError",
+    "BatchingError",
 ]

@@ -312,6 +312,6 @@ def test_bad_input_gets_a_named_error(entry: BadInput) -> None:
 
 def test_all_errors_share_one_base_class() -> None:
     errors = [n for n in nddrify.__all__ if n.endswith("Error") and n != "NddrifyError"]
-    assert len(errors) == 7
+    assert len(errors) == 8
     for name in errors:
         assert issubclass(getattr(nddrify, name), nddrify.NddrifyError)

@@ -1,0 +1,690 @@
+"""Training configurations: one dataclass, a registry named after the paper's rows, overrides.
+
+Every row of the paper's Tables 1–7, A1 and A2 is a registered :class:`RecipeConfig` (or the
+single-task pair of a row); ``recipes/README.md`` maps each row to its command. Defaults are the
+paper's recipe (REFERENCE §5): SGD momentum 0.9, base lr 1e-3, poly 0.9 per step, 20,001 steps,
+batch 10, 321×321 crops, loss weights seg 1 / normal 20, weight decay 2.5e-4 on weights only,
+fusion layers at 100× (NDDR) or 1000× (cross-stitch, sluice), fc8 10× / 20×.
+
+Any field can be overridden (``key=value`` strings, the ``--set`` flag of ``recipes.train``), and
+a configuration may also be a JSON file (``{"base": "nyuv2_vgg16_nddr", "steps": 100}``).
+
+Example:
+    >>> from recipes.configs import get_config, apply_overrides
+    >>> cfg = get_config("nyuv2_vgg16_nddr")
+    >>> cfg.method, cfg.lr, cfg.steps, cfg.batch_size, cfg.loss_weights["normal"]
+    ('nddr', 0.001, 20001, 10, 20.0)
+    >>> apply_overrides(cfg, ["steps=5", "init_from.seg=runs/seg.pt"]).steps
+    5
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = [
+    "RecipeConfig",
+    "CONFIGS",
+    "CHOICES",
+    "METHODS",
+    "LOCAL_MODELS",
+    "registry",
+    "get_config",
+    "load_config",
+    "apply_overrides",
+    "parse_value",
+    "validate",
+    "config_to_dict",
+    "config_from_dict",
+    "field_types",
+]
+
+#: Training methods: the single-task baseline, the three fusion kinds, hard sharing ("Mul.").
+METHODS = ("single", "nddr", "cross_stitch", "sluice", "mul")
+
+#: Models defined by the recipes themselves (beside ``recipes.models.MODELS``).
+LOCAL_MODELS = ("demo_cnn",)
+
+#: Allowed values of the string-valued fields.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method": METHODS,
+    "init": ("diagonal", "xavier"),
+    "nddr_activation": ("auto", "relu", "none"),
+    "mean": ("imagenet", "caffe_bgr", "none"),
+    "normals": ("raw", "unit"),
+    "loss_at": ("output", "input"),
+    "amp": ("none", "bf16", "fp16"),
+    "device": ("auto", "cpu", "cuda"),
+    "mul_trunk": ("first", "average"),
+    "miou_absent": ("exclude", "zero"),
+    "eval_split": ("train", "test"),
+    "shortcut_resize": ("align_corners_false", "align_corners_true", "tf_legacy"),
+}
+
+_DEFAULT_LOSS_WEIGHTS = {"seg": 1.0, "normal": 20.0, "age": 1.0, "gender": 1.0}
+
+
+@dataclass
+class RecipeConfig:
+    """One training run. Field names are the override keys (``--set key=value``).
+
+    Attributes are grouped as: what the run reproduces (``name``, ``label``, ``paper``), data,
+    model and fusion, initialisation, optimisation, and runtime. See ``recipes/README.md``.
+    """
+
+    # what this run is
+    name: str = "custom"
+    label: str = ""  # the row label in the paper's table ("Ours", "Sing.", "C.-S.", ...)
+    paper: str = ""  # where the row is ("Table 4 · Ours")
+    # data
+    dataset: str = "nyuv2"  # nyuv2 | nyuv2_mtan | synthetic | imdb | wiki
+    data_root: str = "data/nyuv2"
+    tasks: tuple[str, ...] = ("seg", "normal")
+    crop: int = 321
+    scale_min: float = 0.5
+    scale_max: float = 1.5
+    mirror: bool = True
+    mean: str = "imagenet"  # the official TF code: caffe_bgr (recipes.models are torchvision's)
+    normals: str = "raw"  # raw 0..255 vectors as the official code, or decoded unit vectors
+    synthetic_images: int = 64  # dataset=synthetic: training images
+    synthetic_test_images: int = 16  # dataset=synthetic: test images
+    synthetic_size: tuple[int, ...] = (96, 96)  # dataset=synthetic: H, W
+    face_resize: int = 256  # imdb/wiki: resize before the crop×crop crop
+    test_subjects: int = 2000  # imdb/wiki: held-out subjects
+    num_workers: int = 2
+    cache_data: bool = False  # keep decoded training samples in memory (per process/worker)
+    # model and fusion
+    model: str = "deeplab_vgg16"
+    method: str = "nddr"
+    shortcut: bool = False
+    shortcut_resize: str = "align_corners_false"
+    points: tuple[str, ...] = ("auto",)  # "auto", or module names, e.g. features.6,features.13
+    init: str = "diagonal"
+    alpha: float = 0.9
+    beta: float = 0.1
+    nddr_activation: str = "auto"
+    nddr_rank: int = 0  # > 0: low-rank NDDR
+    nddr_groups: int = 1  # > 1: grouped NDDR
+    subspaces: int = 2  # sluice
+    cross_stitch_per_channel: bool = False
+    mul_trunk: str = "first"
+    dropout: float | None = None  # override every Dropout's p in the task models
+    # initialisation
+    pretrained: str = ""  # local ImageNet-style state dict for every task model ("" = none)
+    init_from: dict[str, str] = field(default_factory=dict)  # task → single-task weights
+    # optimisation
+    steps: int = 20001
+    batch_size: int = 10  # global batch (split over DDP processes)
+    lr: float = 1e-3
+    momentum: float = 0.9
+    poly_power: float = 0.9
+    weight_decay: float = 2.5e-4
+    fusion_lr_mult: float | None = None  # None: 100 for NDDR, 1000 for cross-stitch and sluice
+    head_weight_lr_mult: float = 10.0
+    head_bias_lr_mult: float = 20.0
+    loss_weights: dict[str, float] = field(default_factory=lambda: dict(_DEFAULT_LOSS_WEIGHTS))
+    loss_at: str = "output"
+    freeze_bn: bool = False  # task networks' BatchNorm in eval mode (fusion norms still train)
+    sync_bn: bool = False  # synchronise BatchNorm statistics across DDP processes
+    # runtime
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "none"
+    channels_last: bool = False
+    out_dir: str = "runs"
+    run_dir: str = ""  # default: {out_dir}/{name}
+    log_every: int = 20
+    checkpoint_every: int = 1000
+    eval_every: int = 0  # 0: evaluate once, at the end
+    eval_split: str = "test"
+    eval_batch_size: int = 1
+    eval_max_images: int = 0  # 0: every image of the split
+    miou_absent: str = "exclude"
+    progress: bool = True
+
+    def resolved_run_dir(self) -> Path:
+        """The run folder: ``run_dir`` or ``{out_dir}/{name}``."""
+        return Path(self.run_dir) if self.run_dir else Path(self.out_dir) / self.name
+
+    def resolved_init_from(self) -> dict[str, str]:
+        """``init_from`` with ``{out_dir}`` replaced by this config's ``out_dir``."""
+        return {t: p.replace("{out_dir}", self.out_dir) for t, p in self.init_from.items()}
+
+
+def field_types() -> dict[str, Any]:
+    """Field name → resolved type annotation of :class:`RecipeConfig`."""
+    return typing.get_type_hints(RecipeConfig)
+
+
+# ----------------------------------------------------------------------------- parsing values
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse_scalar(key: str, text: str, kind: Any) -> Any:
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ConfigError(f"{key}={text!r} is not a boolean; use true or false.")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text!r} is not an integer.") from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text!r} is not a number.") from None
+    return text
+
+
+def parse_value(key: str, value: Any) -> Any:
+    """Convert ``value`` (a command-line string, or a JSON value) to the type of field ``key``.
+
+    Example:
+        >>> parse_value("steps", "100"), parse_value("tasks", "seg,normal")
+        (100, ('seg', 'normal'))
+        >>> parse_value("init_from", "seg=a.pt,normal=b.pt")
+        {'seg': 'a.pt', 'normal': 'b.pt'}
+        >>> parse_value("fusion_lr_mult", "none") is None
+        True
+    """
+    types_ = field_types()
+    if key not in types_:
+        raise ConfigError(_unknown_key_message(key))
+    kind = types_[key]
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):  # float | None
+        inner = next(a for a in typing.get_args(kind) if a is not type(None))
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "")):
+            return None
+        return parse_value_as(key, value, inner)
+    return parse_value_as(key, value, kind)
+
+
+def parse_value_as(key: str, value: Any, kind: Any) -> Any:
+    """Convert ``value`` to ``kind`` (int, float, bool, str, tuple[X, ...], dict[str, X])."""
+    origin = typing.get_origin(kind)
+    if origin is tuple:
+        inner = typing.get_args(kind)[0]
+        if isinstance(value, str):
+            items: Iterable[Any] = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, (list, tuple)):
+            items = value
+        else:
+            raise ConfigError(f"{key}={value!r} must be a comma-separated list or a JSON list.")
+        return tuple(parse_value_as(key, v, inner) for v in items)
+    if origin is dict:
+        inner = typing.get_args(kind)[1]
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("{"):
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError as error:
+                    raise ConfigError(f"{key}={text!r} is not valid JSON: {error}.") from None
+            else:
+                pairs = [p for p in text.split(",") if p.strip()]
+                if any("=" not in p for p in pairs):
+                    raise ConfigError(
+                        f"{key}={text!r} must be comma-separated name=value pairs "
+                        "(e.g. seg=a.pt,normal=b.pt) or a JSON object."
+                    )
+                value = dict(p.split("=", 1) for p in pairs)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}={value!r} must be name=value pairs or a JSON object.")
+        return {str(k).strip(): parse_value_as(f"{key}.{k}", v, inner) for k, v in value.items()}
+    if isinstance(value, str):
+        return _parse_scalar(key, value, kind)
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind in (bool, str) and isinstance(value, kind):
+        return value
+    raise ConfigError(f"{key}={value!r} has the wrong type; expected {kind.__name__}.")
+
+
+def _unknown_key_message(key: str) -> str:
+    names = [f.name for f in fields(RecipeConfig)]
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return f"unknown config key {key!r}.{hint} Valid keys: {', '.join(names)}."
+
+
+def apply_overrides(config: RecipeConfig, overrides: Iterable[str]) -> RecipeConfig:
+    """A copy of ``config`` with ``key=value`` overrides applied (``dict.key=value`` sets one
+    entry of a dict field), validated.
+
+    Example:
+        >>> cfg = apply_overrides(get_config("nyuv2_vgg16_nddr"), ["loss_weights.normal=10"])
+        >>> cfg.loss_weights["normal"], cfg.loss_weights["seg"]
+        (10.0, 1.0)
+    """
+    values = config_to_dict(config)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. steps=100).")
+        key, text = (s.strip() for s in item.split("=", 1))
+        base, _, entry = key.partition(".")
+        if base not in values:
+            raise ConfigError(_unknown_key_message(base))
+        if entry:
+            kind = field_types()[base]
+            if typing.get_origin(kind) is not dict:
+                raise ConfigError(f"{base} is not a dict field; use {base}=value.")
+            inner = typing.get_args(kind)[1]
+            values[base] = {**values[base], entry: parse_value_as(key, text, inner)}
+        else:
+            values[base] = parse_value(base, text)
+    return config_from_dict(values)
+
+
+def config_to_dict(config: RecipeConfig) -> dict[str, Any]:
+    """Plain JSON-able values of every field (tuples become lists)."""
+    out = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+        if isinstance(value, dict):
+            out[f.name] = dict(value)
+    return out
+
+
+def config_from_dict(values: Mapping[str, Any]) -> RecipeConfig:
+    """A validated config from plain values (unknown keys raise :class:`ConfigError`)."""
+    unknown = [k for k in values if k not in field_types()]
+    if unknown:
+        raise ConfigError(_unknown_key_message(unknown[0]))
+    parsed = {k: parse_value(k, v) for k, v in values.items()}
+    config = RecipeConfig(**parsed)
+    validate(config)
+    return config
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: RecipeConfig) -> None:
+    """Raise :class:`ConfigError` naming the key and the allowed values when ``config`` is
+    inconsistent (unknown choice, out-of-range number, tasks the dataset does not have, ...).
+
+    Example:
+        >>> import dataclasses
+        >>> bad = dataclasses.replace(get_config("nyuv2_vgg16_nddr"), method="fancy")
+        >>> try:
+        ...     validate(bad)
+        ... except ConfigError as error:
+        ...     print(error)
+        method='fancy' is not allowed; choose one of: single, nddr, cross_stitch, sluice, mul.
+    """
+    for key, allowed in CHOICES.items():
+        value = getattr(config, key)
+        _require(
+            value in allowed,
+            f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}.",
+        )
+    from .data import DATASETS, TASKS
+
+    _require(
+        config.dataset in DATASETS,
+        f"dataset={config.dataset!r} is not allowed; choose one of: {', '.join(DATASETS)}.",
+    )
+    known_tasks = list(TASKS[config.dataset])
+    _require(len(config.tasks) > 0, f"tasks is empty; choose from: {', '.join(known_tasks)}.")
+    for task in config.tasks:
+        _require(
+            task in known_tasks,
+            f"tasks contains {task!r}, which dataset={config.dataset!r} does not have; "
+            f"choose from: {', '.join(known_tasks)}.",
+        )
+    _require(len(set(config.tasks)) == len(config.tasks), f"tasks={config.tasks} repeats a task.")
+    if config.method == "single":
+        _require(
+            len(config.tasks) == 1,
+            f"method='single' trains one task, got tasks={list(config.tasks)}; "
+            "set tasks=seg (or another single task).",
+        )
+    else:
+        _require(
+            len(config.tasks) >= 2,
+            f"method={config.method!r} needs at least two tasks, got tasks={list(config.tasks)}.",
+        )
+    models = _model_names()
+    _require(
+        config.model in models,
+        f"model={config.model!r} is not allowed; choose one of: {', '.join(models)}.",
+    )
+    positive_ints = ("steps", "batch_size", "crop", "log_every", "checkpoint_every")
+    others = ("eval_batch_size", "synthetic_images", "synthetic_test_images", "subspaces")
+    for key in (*positive_ints, *others, "face_resize", "test_subjects"):
+        _require(getattr(config, key) >= 1, f"{key}={getattr(config, key)} must be ≥ 1.")
+    for key in ("num_workers", "eval_every", "eval_max_images", "nddr_rank"):
+        _require(getattr(config, key) >= 0, f"{key}={getattr(config, key)} must be ≥ 0.")
+    _require(config.nddr_groups >= 1, f"nddr_groups={config.nddr_groups} must be ≥ 1.")
+    _require(
+        len(config.synthetic_size) == 2 and min(config.synthetic_size) >= 8,
+        f"synthetic_size={config.synthetic_size} must be two sizes H,W of at least 8.",
+    )
+    for key in ("lr", "momentum", "poly_power", "weight_decay", "alpha", "beta"):
+        value = getattr(config, key)
+        _require(math.isfinite(value) and value >= 0, f"{key}={value} must be a finite number ≥ 0.")
+    _require(config.lr > 0, f"lr={config.lr} must be > 0.")
+    _require(
+        0 < config.scale_min <= config.scale_max,
+        f"scale_min={config.scale_min}, scale_max={config.scale_max}: need 0 < min ≤ max.",
+    )
+    if config.fusion_lr_mult is not None:
+        _require(config.fusion_lr_mult > 0, f"fusion_lr_mult={config.fusion_lr_mult} must be > 0.")
+    if config.dropout is not None:
+        _require(0 <= config.dropout < 1, f"dropout={config.dropout} must be in [0, 1).")
+    for task in config.loss_weights:
+        _require(
+            task in ("seg", "normal", "age", "gender"),
+            f"loss_weights has unknown task {task!r}; tasks are seg, normal, age, gender.",
+        )
+    for task in config.init_from:
+        _require(
+            task in config.tasks,
+            f"init_from has task {task!r}, which is not in tasks={list(config.tasks)}.",
+        )
+    nddr_only = {"nddr_rank": 0, "nddr_groups": 1, "init": "diagonal"}
+    if config.method != "nddr":
+        for key, default in nddr_only.items():
+            _require(
+                getattr(config, key) == default,
+                f"{key}={getattr(config, key)!r} applies to method='nddr' only "
+                f"(method={config.method!r}); remove the override.",
+            )
+    _require(
+        not (config.nddr_rank and config.nddr_groups > 1),
+        "choose nddr_rank or nddr_groups, not both.",
+    )
+    _require(
+        not (config.freeze_bn and config.sync_bn),
+        "freeze_bn and sync_bn exclude each other: frozen BatchNorm has no batch statistics.",
+    )
+    _require(bool(config.points), "points is empty; use auto or module names.")
+    if "auto" in config.points:
+        _require(len(config.points) == 1, f"points={config.points}: 'auto' stands alone.")
+
+
+def _model_names() -> list[str]:
+    try:
+        from .models import MODELS
+    except ImportError:  # the models module is optional for building configs only
+        return list(LOCAL_MODELS)
+    return [*MODELS, *LOCAL_MODELS]
+
+
+# ----------------------------------------------------------------------------- the registry
+
+_WEIGHTS = {
+    "deeplab_vgg16": "weights/vgg16_bn_imagenet.pth",
+    "deeplab_resnet101": "weights/resnet101_imagenet.pth",
+    "alexnet_fcn32s": "weights/alexnet_imagenet.pth",
+    "vgg16_classifier": "weights/vgg16_imagenet.pth",
+}
+
+
+def _family(
+    prefix: str,
+    *,
+    dataset: str,
+    data_root: str,
+    model: str,
+    tasks: tuple[str, ...],
+    table: str,
+    **common: Any,
+) -> dict[str, RecipeConfig]:
+    """Single-task runs, Mul., C.-S., Sluice and Ours for one table, all on the same footing:
+    fused models start from the single-task runs' weights (``init_from``)."""
+    base = RecipeConfig(dataset=dataset, data_root=data_root, model=model, tasks=tasks, **common)
+    singles = {}
+    for task in tasks:
+        name = f"{prefix}_single_{task}"
+        singles[name] = dataclasses.replace(
+            base,
+            name=name,
+            label="Sing.",
+            paper=f"{table} · Sing. ({task})",
+            method="single",
+            tasks=(task,),
+            pretrained=_WEIGHTS.get(model, ""),
+        )
+    init_from = {t: f"{{out_dir}}/{prefix}_single_{t}/model.pt" for t in tasks}
+    fused = {}
+    for method, label in (
+        ("mul", "Mul."),
+        ("cross_stitch", "C.-S."),
+        ("sluice", "Sluice"),
+        ("nddr", "Ours"),
+    ):
+        name = f"{prefix}_{method}"
+        fused[name] = dataclasses.replace(
+            base,
+            name=name,
+            label=label,
+            paper=f"{table} · {label}",
+            method=method,
+            init_from=dict(init_from),
+        )
+    return {**singles, **fused}
+
+
+def _variant(
+    config: RecipeConfig, name: str, label: str, paper: str, **changes: Any
+) -> RecipeConfig:
+    return dataclasses.replace(config, name=name, label=label, paper=paper, **changes)
+
+
+def _registry() -> dict[str, RecipeConfig]:
+    nyu = {"dataset": "nyuv2", "data_root": "data/nyuv2", "tasks": ("seg", "normal")}
+    configs: dict[str, RecipeConfig] = {}
+    configs |= _family("nyuv2_vgg16", model="deeplab_vgg16", table="Table 4", **nyu)
+    configs |= _family("nyuv2_resnet101", model="deeplab_resnet101", table="Table 5", **nyu)
+    configs |= _family(
+        "nyuv2_vgg16_shortcut", model="deeplab_vgg16", table="Table 6", shortcut=True, **nyu
+    )
+    configs |= _family(
+        "nyuv2_alexnet",
+        model="alexnet_fcn32s",
+        table="Table A1",
+        # the cross-stitch paper's fusion points: pool1, pool2, conv3, conv4, pool5
+        points=("features.2", "features.5", "features.7", "features.9", "features.12"),
+        **nyu,
+    )
+    configs |= _family(
+        "imdb_vgg16",
+        model="vgg16_classifier",
+        table="Table 7",
+        dataset="imdb",
+        data_root="data/imdb_crop",
+        tasks=("age", "gender"),
+        crop=224,
+        scale_min=1.0,
+        scale_max=1.0,
+    )
+    nddr = configs["nyuv2_vgg16_nddr"]
+    nddr.paper = "Table 4 · Ours; Table 3 · Sing. (the default: both branches from single tasks)"
+    # Table 1: NDDR initialisation
+    for (alpha, beta), tag in (
+        ((1.0, 0.0), "1_0"),
+        ((0.9, 0.1), "09_01"),
+        ((0.5, 0.5), "05_05"),
+        ((0.1, 0.9), "01_09"),
+        ((0.0, 1.0), "0_1"),
+    ):
+        configs[f"nyuv2_vgg16_nddr_init_{tag}"] = _variant(
+            nddr,
+            f"nyuv2_vgg16_nddr_init_{tag}",
+            f"({alpha:g}, {beta:g})",
+            f"Table 1 · ({alpha:g}, {beta:g})",
+            alpha=alpha,
+            beta=beta,
+        )
+    configs["nyuv2_vgg16_nddr_init_xavier"] = _variant(
+        nddr, "nyuv2_vgg16_nddr_init_xavier", "Random", "Table 1 · Random", init="xavier"
+    )
+    # Table 2: NDDR learning-rate scale
+    for scale in (1, 10, 100, 1000):
+        name = f"nyuv2_vgg16_nddr_lr{scale}"
+        configs[name] = _variant(
+            nddr, name, f"{scale:g}", f"Table 2 · {scale:g}", fusion_lr_mult=float(scale)
+        )
+    # Table 3: initial weights of both branches
+    configs["nyuv2_vgg16_nddr_from_imagenet"] = _variant(
+        nddr,
+        "nyuv2_vgg16_nddr_from_imagenet",
+        "Init.",
+        "Table 3 · Init.",
+        init_from={},
+        pretrained="weights/vgg16_bn_imagenet.pth",
+    )
+    configs["nyuv2_vgg16_nddr_from_voc"] = _variant(
+        nddr,
+        "nyuv2_vgg16_nddr_from_voc",
+        "Pret.",
+        "Table 3 · Pret.",
+        init_from={},
+        pretrained="weights/deeplab_vgg16_voc.pth",
+    )
+    # Table A2: cross-stitch hyper-parameters on VGG-16
+    stitch = configs["nyuv2_vgg16_cross_stitch"]
+    for (alpha, beta), tag in (((0.9, 0.1), "09_01"), ((0.7, 0.3), "07_03"), ((0.5, 0.5), "05_05")):
+        name = f"nyuv2_vgg16_cross_stitch_init_{tag}"
+        configs[name] = _variant(
+            stitch,
+            name,
+            f"({alpha:g}, {beta:g})",
+            f"Table A2 · ({alpha:g}, {beta:g})",
+            alpha=alpha,
+            beta=beta,
+        )
+    for scale in (1, 10, 100, 1000):
+        name = f"nyuv2_vgg16_cross_stitch_lr{scale}"
+        configs[name] = _variant(
+            stitch, name, f"{scale:g}", f"Table A2 · {scale:g}", fusion_lr_mult=float(scale)
+        )
+    # Cheaper NDDR variants (not in the paper)
+    configs["nyuv2_vgg16_nddr_rank64"] = _variant(
+        nddr, "nyuv2_vgg16_nddr_rank64", "NDDR r=64", "", nddr_rank=64
+    )
+    configs["nyuv2_vgg16_nddr_groups8"] = _variant(
+        nddr, "nyuv2_vgg16_nddr_groups8", "NDDR g=8", "", nddr_groups=8
+    )
+    configs["nyuv2_resnet101_nddr_rank64"] = _variant(
+        configs["nyuv2_resnet101_nddr"],
+        "nyuv2_resnet101_nddr_rank64",
+        "NDDR r=64",
+        "",
+        nddr_rank=64,
+    )
+    # The built-in synthetic scenes with a small CNN (python -m recipes.demo)
+    demo = {
+        "dataset": "synthetic",
+        "data_root": "",
+        "tasks": ("seg", "normal"),
+        "model": "demo_cnn",
+        "crop": 96,
+        "scale_min": 0.75,
+        "scale_max": 1.25,
+        "batch_size": 8,
+        "steps": 300,
+        "lr": 0.01,
+        "log_every": 10,
+        "checkpoint_every": 100,
+        "eval_batch_size": 8,
+        "num_workers": 0,
+        "normals": "unit",
+    }
+    configs |= _family("synthetic_demo", table="demo", **demo)  # type: ignore[arg-type]
+    for cfg in configs.values():
+        validate(cfg)
+    return configs
+
+
+#: Every registered configuration by name (filled on first use: :func:`registry`).
+CONFIGS: dict[str, RecipeConfig] = {}
+
+
+def registry() -> dict[str, RecipeConfig]:
+    """The registered configurations by name (:data:`CONFIGS`, built and validated once).
+
+    Example:
+        >>> len(registry()), "nyuv2_resnet101_nddr" in registry()
+        (58, True)
+    """
+    if not CONFIGS:
+        CONFIGS.update(_registry())
+    return CONFIGS
+
+
+def get_config(name: str) -> RecipeConfig:
+    """A copy of the registered configuration ``name``.
+
+    Example:
+        >>> get_config("nyuv2_vgg16_single_seg").tasks
+        ('seg',)
+    """
+    configs = registry()
+    if name not in configs:
+        close = difflib.get_close_matches(name, list(configs), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"no configuration named {name!r}.{hint} List them with python -m recipes.train "
+            "--list, or pass a JSON file path."
+        )
+    return dataclasses.replace(configs[name], init_from=dict(configs[name].init_from))
+
+
+def load_config(
+    name_or_path: str | os.PathLike[str], overrides: Iterable[str] = ()
+) -> RecipeConfig:
+    """A registered config by name, or a JSON file (``{"base": NAME, key: value, ...}``; without
+    ``base`` the defaults of :class:`RecipeConfig`), with ``key=value`` overrides applied.
+
+    Example:
+        >>> load_config("nyuv2_vgg16_sluice", ["steps=10"]).steps
+        10
+    """
+    text = os.fspath(name_or_path)
+    if text.endswith(".json") or os.path.sep in text:
+        path = Path(text)
+        if not path.is_file():
+            raise ConfigError(f"config file {text!r} does not exist.")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"config file {text!r} is not valid JSON: {error}.") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {text!r} must hold a JSON object.")
+        base_name = values.pop("base", None)
+        base = get_config(base_name) if base_name else RecipeConfig(name=path.stem)
+        merged = {**config_to_dict(base), **values}
+        config = config_from_dict(merged)
+    else:
+        config = get_config(text)
+    return apply_overrides(config, overrides)
