@@ -18,8 +18,9 @@ channels_last = module and input in ``torch.channels_last``; compile = ``torch.c
 module (each of the K baseline models separately).
 
 Method (after timm's ``benchmark.py``): per variant, ``warmup`` untimed steps (the first one is
-reported separately as ``first call``: it includes compilation), then ``repeats`` steps each timed
-alone with ``time.perf_counter``, synchronising the device (``torch.cuda.synchronize``) before
+reported separately as ``first call``: it includes compilation), then ``repeats`` rounds in which
+every variant of the setting runs one step (interleaved, the order rotating per round, so that
+machine noise hits baseline and variants alike), each step timed alone with ``time.perf_counter``, synchronising the device (``torch.cuda.synchronize``) before
 reading the clock on CUDA. Reported: median latency per batch and its spread (interquartile range
 and min–max), images/s = batch / median latency, and the ratio fused/sequential = sequential
 median latency / variant median latency (> 1: the variant is faster). Each ratio is shown with its
@@ -373,7 +374,9 @@ def _make_step(
 
         return forward_step, None, None
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=1e-6, momentum=0.9)
+    # No momentum: the variants are timed interleaved, so all of them hold their optimizer state
+    # at once; momentum buffers would add a full copy of every variant's weights.
+    optimizer = torch.optim.SGD(params, lr=1e-6)
 
     def train_step() -> None:
         with _autocast(setting, device):
@@ -421,16 +424,22 @@ def measure_setting(
 ) -> list[dict[str, Any]]:
     """Time every variant in one setting; one row per variant (``error`` rows included).
 
-    ``flops_cache`` keeps the batch-1 FLOP counts; ``compiled_cache`` the ``torch.compile``
-    wrappers, reused across batch sizes (dynamo recompiles for a new shape as it needs)."""
+    All variants are warmed up first, then timed in interleaved rounds (one step of each variant
+    per round, the order rotating from round to round), so that a slow phase of the machine
+    (frequency, a neighbour's load) hits the baseline and the variants alike instead of whichever
+    ran at that moment. ``flops_cache`` keeps the batch-1 FLOP counts; ``compiled_cache`` the
+    ``torch.compile`` wrappers, reused across batch sizes (dynamo recompiles for a new shape as it
+    needs)."""
     memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
     x = torch.randn(setting.batch, 3, setting.size, setting.size, device=device)
     x = x.contiguous(memory_format=memory_format)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    ready: list[tuple[dict[str, Any], nn.Module, Callable[[], Any], Any, Any]] = []
     for name, module, error in variants:
         row: dict[str, Any] = {**asdict(setting), "variant": name}
+        rows.append(row)
         if module is None:
-            rows.append({**row, "error": error})
+            row["error"] = error
             log(f"  {setting.label()} | {name}: not built ({error})")
             continue
         module.to(memory_format=memory_format)
@@ -438,6 +447,7 @@ def measure_setting(
         key = (setting.model, setting.tasks, setting.size, setting.mode, name)
         if key not in flops_cache:
             flops_cache[key] = count_flops(module, x[:1].contiguous(), setting.mode)
+        row["flops_batch1"] = flops_cache[key]
         runnable = module
         if setting.compile:
             compiled_key = (name, setting.dtype, setting.channels_last, setting.mode)
@@ -447,33 +457,40 @@ def measure_setting(
             runnable = cache[compiled_key]
         step, before, optimizer = _make_step(runnable, x, setting, device)
         try:
-            first, seconds = time_steps(step, warmup, repeats, device, before)
+            row["first_call_s"], _ = time_steps(step, warmup, 0, device, before)
         except Exception as error:  # a backend failure (e.g. compile) is recorded, not fatal
-            rows.append({**row, "error": f"{type(error).__name__}: {error}"})
+            row["error"] = f"{type(error).__name__}: {error}"
             log(f"  {setting.label()} | {name}: failed ({type(error).__name__}: {error})")
-            continue
-        finally:
             module.zero_grad(set_to_none=True)
-            del optimizer, step, before, runnable
-        stats = Stats.of(seconds)
+            continue
+        ready.append((row, module, step, before, optimizer))
+    seconds: dict[int, list[float]] = {index: [] for index in range(len(ready))}
+    for round_index in range(repeats):
+        shift = round_index % max(len(ready), 1)
+        for index in [*range(shift, len(ready)), *range(shift)]:
+            _, _, step, before, _ = ready[index]
+            seconds[index] += time_steps(step, 0, 1, device, before)[1]
+            if before is not None:
+                before()  # free this variant's gradients before the next one runs
+    for index, (row, module, _, _, _) in enumerate(ready):
+        module.zero_grad(set_to_none=True)
+        stats = Stats.of(seconds[index])
         report = getattr(module, "report", None)  # the batched mode says what runs batched
         if report is not None:
             row["batching_report"] = str(report).splitlines()[0]
         row.update(
             {
                 "latency": asdict(stats),
-                "first_call_s": first,
                 "images_per_s": setting.batch / (stats.median_ms / 1000),
-                "flops_batch1": flops_cache[key],
                 "warmup": warmup,
                 "repeats": repeats,
             }
         )
-        rows.append(row)
         log(
-            f"  {setting.label()} | {name}: {stats.median_ms:.2f} ms "
+            f"  {setting.label()} | {row['variant']}: {stats.median_ms:.2f} ms "
             f"[IQR {stats.q1_ms:.2f}–{stats.q3_ms:.2f}], {row['images_per_s']:.1f} img/s"
         )
+    ready.clear()
     baseline = next((r for r in rows if r["variant"] == "sequential" and "latency" in r), None)
     for row in rows:
         if baseline is not None and "latency" in row:
@@ -902,10 +919,12 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{'yes' if env['batched_mode'] else 'no'}.",
         "",
         f"Method (timm `benchmark.py` style): per variant {preset['warmup']} warm-up step(s), then "
-        f"{preset['repeats']} steps timed one by one (`time.perf_counter`, device synchronised); "
+        f"{preset['repeats']} rounds in which every variant of the setting runs one step "
+        "(interleaved, the order rotating per round, so machine noise hits all variants alike), "
+        "each step timed alone (`time.perf_counter`, device synchronised); "
         "latency = median per batch, spread = interquartile range [q1–q3] and min–max; img/s = "
         "batch / median. `forward` = eval + `torch.no_grad`; `train` = forward + loss (sum of "
-        "the outputs' means) + backward + SGD(momentum 0.9) step, gradients zeroed untimed. "
+        "the outputs' means) + backward + SGD step (no momentum: interleaved variants hold their optimizer state at once), gradients zeroed untimed. "
         "ratio = sequential median / variant median (> 1 = faster than running the K models in "
         "turn); ceiling = FLOPs(sequential) / FLOPs(variant) at batch 1 in the same mode "
         "(`torch.utils.flop_counter`): the ratio a purely compute-bound run would reach, "
