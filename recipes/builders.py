@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import operator
-import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from nddrify.layers import FusionLayer, NDDRShortcutLayer
 from nddrify.tracing import QUALNAME
 
 from .configs import RecipeConfig
-from .errors import DatasetFormatError, DatasetNotFoundError, RecipeError
+from .errors import DatasetFormatError, RecipeError
 
 __all__ = [
     "DENSE_TASKS",
@@ -165,28 +164,6 @@ def build_task_model(config: RecipeConfig, task: str) -> nn.Module:
     return model
 
 
-def _read_state(path: str, what: str) -> Mapping[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise DatasetNotFoundError(
-            f"{what} {path!r} does not exist. Train the single-task runs first (python -m "
-            "recipes.train <prefix>_single_<task>), or point it at a weights file with "
-            "--set init_from.<task>=PATH."
-        )
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise DatasetFormatError(
-            f"{what} {path!r} is not a weights-only torch file: {error}"
-        ) from error
-    if isinstance(payload, Mapping) and payload.get("format") == CHECKPOINT_FORMAT:
-        payload = payload["model"]
-    if not isinstance(payload, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload.items()
-    ):
-        raise DatasetFormatError(f"{what} {path!r} holds no state dict (names → tensors).")
-    return payload
-
-
 def load_task_weights(model: nn.Module, path: str, task: str) -> dict[str, torch.Tensor]:
     """Load ``task``'s weights from ``path`` into ``model``, strictly: every key of the model
     must be in the file with the same shape.
@@ -196,7 +173,16 @@ def load_task_weights(model: nn.Module, path: str, task: str) -> dict[str, torch
     ``shared.…``). Returns the file's entries the model does not have (e.g. a single-task
     shortcut's ``shortcut.…`` weights), with the task prefix removed.
     """
-    state = dict(_read_state(path, f"init_from[{task!r}]"))
+    from .models import read_state_dict
+
+    state = dict(
+        read_state_dict(
+            path,
+            f"init_from[{task!r}]",
+            "train the single-task runs first (python -m recipes.train <prefix>_single_<task>), "
+            "or point it at a weights file with --set init_from.<task>=PATH",
+        )
+    )
     own = model.state_dict()
     if not any(k in state for k in own):  # a whole-network checkpoint: take this task's part
         prefixed = {}

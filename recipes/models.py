@@ -51,6 +51,7 @@ __all__ = [
     "HEAD_NAMES",
     "build_model",
     "load_pretrained",
+    "read_state_dict",
     "OFFICIAL_BN_EPS",
     "OFFICIAL_BN_MOMENTUM",
 ]
@@ -444,18 +445,45 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike[str]) -> list[str]
         >>> load_pretrained(torch.nn.Conv2d(3, 4, 1), path)  # other shapes: nothing loaded
         ['weight', 'bias']
     """
+    state = read_state_dict(
+        path,
+        "pretrained weights",
+        "pass the path of a local state-dict file (e.g. torch.save(torchvision.models.vgg16_bn("
+        "weights=...).state_dict(), path) on a machine with downloads, or a single-task checkpoint)",
+    )
+    adapt = getattr(model, "adapt_state_dict", None)
+    if callable(adapt):
+        state = adapt(state)
+    own = model.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(matched, strict=False)
+    return [k for k in own if k not in matched]
+
+
+def read_state_dict(
+    path: str | os.PathLike[str], what: str, missing_hint: str
+) -> Mapping[str, torch.Tensor]:
+    """Read a state dict (names → tensors) from a local file with ``weights_only=True``; one held
+    under ``"state_dict"`` or ``"model"`` (a training checkpoint) is unwrapped.
+
+    ``what`` names the file in errors (``"pretrained weights"``); ``missing_hint`` says how to get
+    it when it does not exist.
+
+    Example:
+        >>> import tempfile, torch
+        >>> path = tempfile.mkdtemp() + "/ckpt.pt"
+        >>> torch.save({"model": torch.nn.Linear(2, 1).state_dict(), "step": 3}, path)
+        >>> sorted(read_state_dict(path, "weights", "train first"))
+        ['bias', 'weight']
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise DatasetNotFoundError(
-            f"pretrained weights {path!r} do not exist: pass the path of a local state-dict file "
-            "(e.g. torch.save(torchvision.models.vgg16_bn(weights=...).state_dict(), path) on a "
-            "machine with downloads, or a single-task checkpoint)."
-        )
+        raise DatasetNotFoundError(f"{what} {path!r} does not exist: {missing_hint}.")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise DatasetFormatError(
-            f"pretrained weights {path!r} could not be read as a weights-only torch file: {error}"
+            f"{what} {path!r} could not be read as a weights-only torch file: {error}"
         ) from error
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
@@ -464,14 +492,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike[str]) -> list[str]
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):
         raise DatasetFormatError(
-            f"pretrained weights {path!r} hold no state dict (a mapping of names to tensors, "
-            "possibly under 'state_dict' or 'model')."
+            f"{what} {path!r} hold no state dict (a mapping of names to tensors, possibly under "
+            "'state_dict' or 'model')."
         )
-    state: Mapping[str, torch.Tensor] = obj
-    adapt = getattr(model, "adapt_state_dict", None)
-    if callable(adapt):
-        state = adapt(state)
-    own = model.state_dict()
-    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(matched, strict=False)
-    return [k for k in own if k not in matched]
+    return obj

@@ -37,10 +37,11 @@ from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 from torch.utils import _pytree as pytree
 
-from ..errors import NddrifyError
+from ..errors import ModelsError, NddrifyError
 from ..layers import FusionLayer, NDDRShortcutLayer
-from ..rewriting import PLAN_META_KEY, TASK_META_KEY, FusedGraphModule
+from ..rewriting import PLAN_META_KEY, TASK_META_KEY, FusedGraphModule, _portable
 from ..tracing import QUALNAME
+from ..training import fused_plan
 from .analysis import (
     _ELEMENTWISE_FUNCTIONS,
     _ELEMENTWISE_METHODS,
@@ -734,13 +735,6 @@ class BatchedFusedModel(fx.GraphModule):
         return fused
 
 
-def _portable(graph: fx.Graph) -> fx.Graph:
-    copied = copy.deepcopy(graph)
-    for node in copied.nodes:
-        node.meta = {k: v for k, v in node.meta.items() if isinstance(v, (str, bool, int, float))}
-    return copied
-
-
 def _rebuild(
     children: dict[str, nn.Module],
     graphs: tuple[fx.Graph, ...],
@@ -768,18 +762,14 @@ def _fused_graphs(fused: nn.Module) -> tuple[fx.Graph, fx.Graph | None]:
 def _check_fused(fused: Any) -> tuple[str, ...]:
     if isinstance(fused, BatchedFusedModel):
         raise BatchingError("this model is already batched; pass the fused model instead.")
-    meta = getattr(fused, "meta", None)
-    if (
-        not isinstance(fused, fx.GraphModule)
-        or not isinstance(meta, dict)
-        or PLAN_META_KEY not in meta
-    ):
+    try:
+        return tuple(fused_plan(fused).tasks)
+    except ModelsError:
         raise BatchingError(
             f"batch_tasks needs a model returned by nddrify.fuse (or nddrify.share), got "
             f"{type(fused).__name__} without a plan in .meta[{PLAN_META_KEY!r}]; fuse the task "
             "models first: nddrify.batch_tasks(nddrify.fuse([model_a, model_b]))."
-        )
-    return tuple(meta[PLAN_META_KEY].tasks)
+        ) from None
 
 
 def batching_report(fused: nn.Module) -> BatchingReport:

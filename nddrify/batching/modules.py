@@ -260,20 +260,31 @@ class _TaskBatchedNorm(_TaskBatched):
         return f"{self.num_tasks} tasks × {text}"
 
 
+def _init_stacked_norm(
+    module: _TaskBatchedNorm,
+    base: type[nn.Module],
+    norms: Sequence[nn.Module],
+    sources: Sequence[str],
+) -> None:
+    """``base.__init__`` with K·C features and the first task's settings, then the K norms'
+    weights stacked in (see ``_TaskBatched._setup``)."""
+    first = norms[0]
+    base.__init__(
+        module,
+        first.num_features * len(norms),
+        eps=first.eps,
+        momentum=first.momentum,
+        affine=first.affine,
+        track_running_stats=first.track_running_stats,
+        device="meta",
+        dtype=next(iter([*first.parameters(), *first.buffers()])).dtype,
+    )
+    module._setup(norms, sources)
+
+
 def _norm_class(base: type[nn.Module], doc: str) -> type[nn.Module]:
     def __init__(self, norms: Sequence[nn.Module], sources: Sequence[str]):
-        first = norms[0]
-        base.__init__(
-            self,
-            first.num_features * len(norms),
-            eps=first.eps,
-            momentum=first.momentum,
-            affine=first.affine,
-            track_running_stats=first.track_running_stats,
-            device="meta",
-            dtype=next(iter([*first.parameters(), *first.buffers()])).dtype,
-        )
-        self._setup(norms, sources)
+        _init_stacked_norm(self, base, norms, sources)
 
     return type(
         f"TaskBatched{base.__name__}",
@@ -298,18 +309,7 @@ class TaskBatchedBatchNormAct2d(_TaskBatchedNorm, nn.BatchNorm2d):
     over the task-stacked channels, then the (batched) drop and activation."""
 
     def __init__(self, norms: Sequence[nn.Module], sources: Sequence[str], conv_mode: str) -> None:
-        first = norms[0]
-        nn.BatchNorm2d.__init__(
-            self,
-            first.num_features * len(norms),
-            eps=first.eps,
-            momentum=first.momentum,
-            affine=first.affine,
-            track_running_stats=first.track_running_stats,
-            device="meta",
-            dtype=next(iter([*first.parameters(), *first.buffers()])).dtype,
-        )
-        self._setup(norms, sources)
+        _init_stacked_norm(self, nn.BatchNorm2d, norms, sources)
         for name in ("drop", "act"):
             children = [norm._modules[name] for norm in norms]
             child_sources = [f"{source}.{name}" for source in sources]
