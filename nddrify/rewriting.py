@@ -59,10 +59,13 @@ class FusedGraphModule(fx.GraphModule):
     weights, both graphs, the mode and ``meta`` (the plan).
     """
 
+    #: the class name of the generated code (``print(fused.code)``)
+    generated_name = _CLASS_NAME
+
     def __init__(
         self, root: nn.Module, graph: fx.Graph, eval_graph: fx.Graph | None = None
     ) -> None:
-        super().__init__(root, graph, _CLASS_NAME)
+        super().__init__(root, graph, self.generated_name)
         # GraphModule copies only the modules the graph calls, into plain containers; keep the
         # whole modules instead (fused.seg is the seg model's own class; fused.seg(x) runs it
         # alone, and modules only the eval graph calls are there too).
@@ -82,28 +85,41 @@ class FusedGraphModule(fx.GraphModule):
             if self.graph is not wanted:
                 self.graph = wanted
 
+    def _graphs(self) -> tuple[fx.Graph, ...]:
+        """The constructor's graphs: ``(train, eval)`` when they differ, else ``(graph,)``."""
+        if self.eval_graph is not None:
+            return (self.train_graph, self.eval_graph)
+        return (self.graph,)
+
+    def _init_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments beyond the root and the graphs (for subclasses)."""
+        return {}
+
+    def _own_class(self) -> type[FusedGraphModule]:
+        # fx instantiates a per-instance subclass (qualname ...GraphModuleImpl, renamed to the
+        # generated name); rebuild the class it wraps.
+        return next(c for c in type(self).__mro__ if not c.__qualname__.endswith("GraphModuleImpl"))
+
     def __deepcopy__(self, memo: dict[int, Any]) -> FusedGraphModule:
-        graphs = (
-            (self.train_graph, self.eval_graph) if self.eval_graph is not None else (self.graph,)
-        )
         return _rebuild(
             copy.deepcopy(dict(self.named_children()), memo),
-            *copy.deepcopy(graphs, memo),
+            *copy.deepcopy(self._graphs(), memo),
             meta=copy.deepcopy(self.meta, memo),
             training=self.training,
+            cls=self._own_class(),
+            kwargs=copy.deepcopy(self._init_kwargs(), memo),
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        graphs = (
-            (self.train_graph, self.eval_graph) if self.eval_graph is not None else (self.graph,)
-        )
         return (
             _rebuild_from_pickle,
             (
                 dict(self.named_children()),
-                tuple(_portable(g) for g in graphs),
+                tuple(_portable(g) for g in self._graphs()),
                 self.meta,
                 self.training,
+                self._own_class(),
+                self._init_kwargs(),
             ),
         )
 
@@ -124,11 +140,13 @@ def _rebuild(
     *,
     meta: dict[str, Any],
     training: bool,
+    cls: type[FusedGraphModule] = FusedGraphModule,
+    kwargs: dict[str, Any] | None = None,
 ) -> FusedGraphModule:
     root = nn.Module()
     for name, child in children.items():
         root.add_module(name, child)
-    fused = FusedGraphModule(root, graph, eval_graph)
+    fused = cls(root, graph, eval_graph, **(kwargs or {}))
     fused.meta = meta
     fused.training = training  # not .train(): keep every submodule's own flag
     fused._select_graph(training)
@@ -136,9 +154,14 @@ def _rebuild(
 
 
 def _rebuild_from_pickle(
-    children: dict[str, nn.Module], graphs: tuple[fx.Graph, ...], meta: dict, training: bool
+    children: dict[str, nn.Module],
+    graphs: tuple[fx.Graph, ...],
+    meta: dict,
+    training: bool,
+    cls: type[FusedGraphModule] = FusedGraphModule,
+    kwargs: dict[str, Any] | None = None,
 ) -> FusedGraphModule:
-    return _rebuild(children, *graphs, meta=meta, training=training)
+    return _rebuild(children, *graphs, meta=meta, training=training, cls=cls, kwargs=kwargs)
 
 
 def _identifier(name: str) -> str:

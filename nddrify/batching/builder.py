@@ -39,7 +39,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import ModelsError, NddrifyError
 from ..layers import FusionLayer, NDDRShortcutLayer
-from ..rewriting import PLAN_META_KEY, TASK_META_KEY, FusedGraphModule, _portable
+from ..rewriting import PLAN_META_KEY, TASK_META_KEY, FusedGraphModule, _rebuild
 from ..tracing import QUALNAME
 from ..training import fused_plan
 from .analysis import (
@@ -640,17 +640,20 @@ class _Builder:
 # The batched model
 
 
-class BatchedFusedModel(fx.GraphModule):
+class BatchedFusedModel(FusedGraphModule):
     """A fused model whose tasks run batched; built by :func:`batch_tasks`.
 
     Calling it gives the fused model's outputs (same structure: a tuple or a dict by task).
     Task-batched modules live under ``.batched`` (paths of the task models), per-task copies
     under ``.<task>``, fusion layers under ``.nddr<l>``. ``report`` says what runs how;
-    ``print(batched.code)`` shows the generated forward.
+    ``print(batched.code)`` shows the generated forward. Train/eval graphs, deep copies and
+    pickles work as for :class:`~nddrify.FusedGraphModule`.
 
     It holds its own copy of the weights (a snapshot taken by ``batch_tasks``): train it like
     any module, then :meth:`sync` the weights back into the fused model.
     """
+
+    generated_name = _CLASS_NAME
 
     def __init__(
         self,
@@ -661,36 +664,13 @@ class BatchedFusedModel(fx.GraphModule):
         tasks: Sequence[str] = (),
         report: BatchingReport | None = None,
     ) -> None:
-        super().__init__(root, graph, _CLASS_NAME)
-        for name, child in root.named_children():  # also what only the other graph calls
-            setattr(self, name, child)
-        self.train_graph = graph if eval_graph is not None else None
-        self.eval_graph = eval_graph
+        super().__init__(root, graph, eval_graph)
         self.tasks = tuple(tasks)
         self.report = report
         self.meta[BATCHED_META_KEY] = report
 
-    def train(self, mode: bool = True) -> BatchedFusedModel:
-        super().train(mode)
-        if self.eval_graph is not None:
-            wanted = self.train_graph if mode else self.eval_graph
-            if self.graph is not wanted:
-                self.graph = wanted
-        return self
-
-    def _parts(self) -> tuple[Any, ...]:
-        graphs = (
-            (self.train_graph, self.eval_graph) if self.eval_graph is not None else (self.graph,)
-        )
-        return dict(self.named_children()), graphs, self.tasks, self.report, self.training
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> BatchedFusedModel:
-        return _rebuild(*copy.deepcopy(self._parts(), memo))
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        children, graphs, tasks, report, training = self._parts()
-        portable = tuple(_portable(g) for g in graphs)
-        return (_rebuild, (children, portable, tasks, report, training))
+    def _init_kwargs(self) -> dict[str, Any]:
+        return {"tasks": self.tasks, "report": self.report}
 
     def fused_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights under the fused model's keys (``seg.layer1.0.conv1.weight``, ...), for
@@ -733,23 +713,6 @@ class BatchedFusedModel(fx.GraphModule):
             for key, value in state.items():
                 target[key].copy_(value)
         return fused
-
-
-def _rebuild(
-    children: dict[str, nn.Module],
-    graphs: tuple[fx.Graph, ...],
-    tasks: tuple[str, ...],
-    report: BatchingReport | None,
-    training: bool,
-) -> BatchedFusedModel:
-    root = nn.Module()
-    for name, child in children.items():
-        root.add_module(name, child)
-    model = BatchedFusedModel(root, *graphs, tasks=tasks, report=report)
-    model.training = training  # not .train(): keep every submodule's own flag
-    if model.eval_graph is not None:
-        model.graph = model.train_graph if training else model.eval_graph
-    return model
 
 
 def _fused_graphs(fused: nn.Module) -> tuple[fx.Graph, fx.Graph | None]:
@@ -839,5 +802,12 @@ def batch_tasks(fused: nn.Module, *, conv_mode: str = "auto") -> BatchedFusedMod
             owner.register_buffer(name, value)
         else:
             setattr(owner, name, value)
-    model = _rebuild(dict(root.named_children()), tuple(graphs), tasks, report, fused.training)
+    model = _rebuild(
+        dict(root.named_children()),
+        *graphs,
+        meta={BATCHED_META_KEY: report},
+        training=fused.training,
+        cls=BatchedFusedModel,
+        kwargs={"tasks": tasks, "report": report},
+    )
     return model
