@@ -2,7 +2,7 @@
 
 For every model in ``/work/shared/dev-zoo.txt`` (one timm model name a line, ``#`` comments skipped)
 the script builds the model with random weights (``timm.create_model(name, pretrained=False)``,
-eval mode), traces it with :func:`nddrify.trace_model`, and compares two lists of fx nodes:
+eval mode), traces it with :func:`nddrify.tracing.trace_model`, and compares two lists of fx nodes:
 
 * the **oracle**: ``traced.node(module)`` for every ``module`` declared in ``model.feature_info``
   (the stages timm's ``features_only`` wrapper returns);
@@ -201,7 +201,7 @@ def evaluate(name: str) -> dict:
             row["note"] = "no feature_info declared"
             return row
         try:
-            traced = nddrify.trace_model(model)
+            traced = nddrify.tracing.trace_model(model)
         except Exception as err:
             row["note"] = f"trace failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
             return row

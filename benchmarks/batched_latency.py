@@ -1,5 +1,5 @@
 """Batch-1 inference latency: the K original models one after another (sequential), the fused
-GraphModule, and the fused model with its tasks batched (``nddrify.batch_tasks``).
+GraphModule, and the fused model with its tasks batched (``nddrify.batching.batch_tasks``).
 
 Every variant computes the two heads of the paper's pairs (40-class segmentation, 3-channel
 normals: the heads differ, the backbones match). ``sequential`` runs the two originals without any

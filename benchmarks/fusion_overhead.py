@@ -29,7 +29,7 @@ shortcut              Σ_i (Σ_l C_{l,i})·C_{L,i}                2·Σ_i C_L,i 
 (a 1×1 convolution costs 2·N·H·W·C_in·C_out FLOPs; sluice's mixing is a batched matmul over
 (K·S) × (K·S); the shortcut reduces the concatenated levels of each task to the last level's
 width C_L on the last level's H_L×W_L). The ``check`` columns say that analytic and measured agree
-exactly. The plan's own count (``nddrify.overhead``) is recorded next to them.
+exactly. The plan's own count (``nddrify.training.overhead``) is recorded next to them.
 
 Models are built on the ``meta`` device by default: nothing is allocated or computed, shapes and
 FLOP counts are the same as on a real device (``--device cpu`` runs them for real; the test suite
@@ -310,10 +310,12 @@ def measure(
         fused = nddrify.fuse(
             models, example_input=x, shortcut=shortcut, **KINDS[kind].fuse_kwargs
         ).eval()
-    except nddrify.FusionConfigError as error:  # e.g. grouped NDDR on widths not divisible by g
+    except (
+        nddrify.errors.FusionConfigError
+    ) as error:  # e.g. grouped NDDR on widths not divisible by g
         row["error"] = str(error)
         return row
-    plan = nddrify.training.fused_plan(fused)
+    plan = nddrify.meta.fused_plan(fused)
     level_shapes = [[tuple(p.shape) for p in level.points] for level in plan.levels]
     model_params = sum(p.numel() for p in models[0].parameters())
     base_params = sum(p.numel() for m in models for p in m.parameters())
@@ -451,7 +453,7 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         f"All {len(good)} rows: analytic = measured for weights, norm parameters, parameters "
         f"added and FLOPs added: {_tick(all(all(r['check'].values()) for r in good))}; the "
-        f"plan's count (`nddrify.overhead`) = measured: "
+        f"plan's count (`nddrify.training.overhead`) = measured: "
         f"{_tick(all(r['plan_agrees'] for r in good))}.",
         "",
         *_headline(good),

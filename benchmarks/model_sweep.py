@@ -243,7 +243,7 @@ def random_in_train(model: nn.Module, x: torch.Tensor) -> bool:
 
 def _points(fused: nn.Module) -> list[list[dict]]:
     """Per task, its auto points (name, node, C×H×W shape, layout)."""
-    fusion_plan = nddrify.training.fused_plan(fused)
+    fusion_plan = nddrify.meta.fused_plan(fused)
     per_task: list[list[dict]] = [[] for _ in fusion_plan.tasks]
     for level in fusion_plan.levels:
         for i, point in enumerate(level.points):
@@ -363,7 +363,7 @@ def sweep_one(source: str, name: str, *, informational: bool = True) -> dict:
             stage = "fuse default"
             fused = nddrify.fuse(models, points="auto", example_input=x[:1])
             row["points_default_fuse"] = _points(fused)[0]
-            overhead = nddrify.overhead(fused)
+            overhead = nddrify.training.overhead(fused)
             row["fusion_params"] = overhead.fusion_params
             lap("fuse default")
 

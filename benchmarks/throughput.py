@@ -7,7 +7,7 @@ each **variant** is timed on the same input:
 * ``fused <kind>`` — ``nddrify.fuse(models, **kind)`` for each fusion kind;
 * ``shared`` — hard parameter sharing, ``nddrify.share(models)`` (one trunk up to the last
   automatic point);
-* ``batched <kind>`` — ``nddrify.batch_tasks(fused)``, the batched same-architecture execution
+* ``batched <kind>`` — ``nddrify.batching.batch_tasks(fused)``, the batched same-architecture execution
   mode, when ``nddrify.batching`` is importable.
 
 Modes: ``forward`` (eval, ``torch.no_grad``) and ``train`` (train mode; forward, a loss summing
@@ -71,7 +71,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import nddrify
-from nddrify.training import fused_plan
+from nddrify.meta import fused_plan
 
 __all__ = [
     "KINDS",
@@ -177,7 +177,7 @@ class RunInTurn(nn.Module):
 
 
 def _batch_tasks() -> Callable[[nn.Module], nn.Module] | None:
-    """``nddrify.batch_tasks`` when the batched mode exists in this checkout, else None."""
+    """``nddrify.batching.batch_tasks`` when the batched mode exists in this checkout, else None."""
     function = getattr(nddrify, "batch_tasks", None)
     if function is not None:
         return function
@@ -525,14 +525,14 @@ class HandwrittenNDDRVGG(nn.Module):
         super().__init__()
         plan = fused_plan(fused)
         if plan.shortcut_weights or hasattr(fused, "shortcut"):
-            raise nddrify.ModelsError(
+            raise nddrify.errors.ModelsError(
                 "the hand-written NDDR-VGG has no shortcut; fuse without one."
             )
         cuts = []
         for level in plan.levels:
             names = {p.name for p in level.points}
             if len(names) != 1 or not next(iter(names)).startswith("features."):
-                raise nddrify.ModelsError(
+                raise nddrify.errors.ModelsError(
                     f"the hand-written NDDR-VGG needs points features.<i> shared by all tasks, "
                     f"got {sorted(names)}; fuse torchvision VGGs with points='auto'."
                 )
@@ -915,7 +915,7 @@ def markdown(payload: dict[str, Any]) -> str:
         f"Device: {env.get('gpu') or env['cpu']} ({env['cpu_cores']} cores, {env['torch_threads']} "
         f"torch threads); torch {env['torch']}, torchvision {env['torchvision']}, CUDA "
         f"{env['cuda'] or 'none'}; Python {env['python']}; {env['platform']}; {env['date']}.",
-        f"Command: `{env['command']}`. Batched mode (`nddrify.batch_tasks`) available: "
+        f"Command: `{env['command']}`. Batched mode (`nddrify.batching.batch_tasks`) available: "
         f"{'yes' if env['batched_mode'] else 'no'}.",
         "",
         f"Method (timm `benchmark.py` style): per variant {preset['warmup']} warm-up step(s), then "

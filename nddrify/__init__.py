@@ -1,83 +1,51 @@
 """nddrify: fuse single-task PyTorch models into one NDDR multi-task model.
 
-Data flows one way: :mod:`~nddrify.tracing` → :mod:`~nddrify.planning` → :mod:`~nddrify.rewriting`,
-with the fusion layers in :mod:`~nddrify.layers`.
+Data flows one way, each stage a value you can hold: :func:`trace` (a
+:class:`~nddrify.tasks.TracedSet`) → :func:`plan` (a serialisable :class:`Plan`) →
+:func:`rewrite` (a fused ``torch.fx.GraphModule``); :func:`fuse` does all three in one call.
+Everything else lives in its submodule: errors in :mod:`nddrify.errors`, layers in
+:mod:`nddrify.layers`, training helpers in :mod:`nddrify.training`, batched execution in
+:mod:`nddrify.batching`, the fusion-kind protocol in :mod:`nddrify.protocol`.
 
 Example:
     >>> import torchvision, nddrify
-    >>> fused = nddrify.fuse(models=[torchvision.models.vgg16(), torchvision.models.vgg16()])
-    >>> nddrify.overhead(fused).fusion_weights
+    >>> traced = nddrify.trace([torchvision.models.vgg16(), torchvision.models.vgg16()])
+    >>> plan = nddrify.plan(traced, points="auto")
+    >>> plan.overhead.fusion_weights
     2441216
+    >>> fused = nddrify.rewrite(traced, plan)
 """
 
 from .baselines import CrossStitch, Sluice
-from .batching import BatchedFusedModel, BatchingError, BatchingReport, batch_tasks, batching_report
-from .checkpoint import CheckpointError, load, save
-from .errors import (
-    FusionConfigError,
-    ModelsError,
-    NddrifyError,
-    PointError,
-    ShapeMismatchError,
-    SpecError,
-    TraceError,
-)
+from .checkpoint import load, save
+from .errors import NddrifyError
 from .fusion import fuse
-from .layers import NDDR, NDDRLayer, NDDRShortcutLayer, Shortcut
-from .planning import (
-    Candidate,
-    FusionLevel,
-    FusionPoint,
-    Overhead,
-    Plan,
-    get_fusion_candidates,
-    plan,
-)
-from .rewriting import FusedGraphModule
+from .layers import NDDR, Shortcut
+from .planning import get_fusion_candidates, plan
+from .plans import Plan
+from .rewriting import rewrite
 from .sharing import share
-from .specs import load_spec
-from .tracing import TracedModel, default_example_input, trace_model
-from .training import overhead, param_groups, task_state_dict
+from .tasks import trace
+from .tracing import TraceOptions
+from .training import param_groups
 
 __version__ = "0.1.0"
 
 __all__ = [
     "fuse",
-    "share",
-    "batch_tasks",
-    "batching_report",
+    "trace",
     "plan",
+    "rewrite",
+    "share",
     "get_fusion_candidates",
-    "param_groups",
-    "overhead",
-    "task_state_dict",
-    "save",
-    "load",
-    "load_spec",
-    "trace_model",
-    "default_example_input",
     "NDDR",
     "CrossStitch",
     "Sluice",
     "Shortcut",
-    "NDDRLayer",
-    "NDDRShortcutLayer",
+    "TraceOptions",
     "Plan",
-    "FusedGraphModule",
-    "BatchedFusedModel",
-    "BatchingReport",
-    "FusionLevel",
-    "FusionPoint",
-    "Candidate",
-    "Overhead",
-    "TracedModel",
+    "param_groups",
+    "save",
+    "load",
     "NddrifyError",
-    "ModelsError",
-    "TraceError",
-    "PointError",
-    "ShapeMismatchError",
-    "FusionConfigError",
-    "SpecError",
-    "CheckpointError",
-    "BatchingError",
 ]

@@ -1,6 +1,6 @@
 """Baseline fusion layers the paper compares NDDR with: cross-stitch and sluice.
 
-Both are fusion factories with the same interface as :class:`nddrify.NDDR`, so
+Both are fusion kinds (:class:`~nddrify.protocol.FusionKind`) like :class:`nddrify.NDDR`, so
 ``nddrify.fuse(models, fusion="cross_stitch")`` builds the cross-stitch network from the very same
 points, heads and training code as the NDDR one.
 
@@ -17,7 +17,9 @@ points, heads and training code as the NDDR one.
 
 Example:
     >>> import torch, nddrify
-    >>> layer = nddrify.CrossStitch()([(1, 4, 8, 8), (1, 4, 8, 8)])
+    >>> from nddrify.plans import FusionLevel, FusionPoint
+    >>> level = FusionLevel(0, tuple(FusionPoint(t, "p", "p", (1, 4, 8, 8), True) for t in "ab"))
+    >>> layer = nddrify.CrossStitch().build(level)
     >>> a, b = torch.ones(1, 4, 8, 8), torch.zeros(1, 4, 8, 8)
     >>> [round(float(t.mean().detach()), 4) for t in layer(a, b)]
     [0.9, 0.1]
@@ -27,12 +29,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .errors import FusionConfigError
-from .layers import FusionLayer, Init, _from_nchw, _to_nchw, default_init
+from .layers.base import (
+    FusionLayer,
+    Init,
+    block_diagonal,
+    check_init,
+    check_positive_int,
+    from_nchw,
+    to_nchw,
+)
+
+if TYPE_CHECKING:
+    from .plans import FusionLevel
 
 __all__ = [
     "CrossStitch",
@@ -43,30 +57,33 @@ __all__ = [
 ]
 
 
-def _diagonal_pair(init: Init, num_tasks: int) -> tuple[float, float]:
-    if init is None:
-        return default_init(num_tasks)
-    if init == "xavier":
-        raise FusionConfigError("cross-stitch and sluice use (alpha, beta) init, not 'xavier'.")
-    alpha, beta = (float(v) for v in init)
-    if not all(torch.isfinite(torch.tensor([alpha, beta]))):
-        raise FusionConfigError(f"init={init!r} contains NaN or inf; use finite (alpha, beta).")
-    return alpha, beta
+def _pair(init: Init, num_tasks: int, kind: str) -> tuple[float, float]:
+    """The (alpha, beta) of ``init`` (the default for None); 'xavier' is refused."""
+    return check_init(init, num_tasks, xavier=False, kind=kind)  # type: ignore[return-value]
 
 
-def _equal_widths(shapes: Sequence[Sequence[int]], kind: str) -> int:
-    channels = [int(s[1]) for s in shapes]
+def _equal_widths(level: FusionLevel, kind: str) -> int:
+    channels = [int(c) for c in level.channels]
     if len(set(channels)) != 1:
         raise FusionConfigError(
-            f"{kind} mixes feature maps elementwise and needs the same width in every task, got "
-            f"channels {channels}; use fusion='nddr' (1×1 convolutions handle different widths) "
-            "or points where the widths match."
+            f"fusion {level.describe()}: {kind} mixes feature maps elementwise and needs the same "
+            f"width in every task, got channels {channels}; use fusion='nddr' (1×1 convolutions "
+            "handle different widths) or points where the widths match."
         )
     return channels[0]
 
 
 class CrossStitchLayer(FusionLayer):
-    """``out_i = Σ_j a_ij · x_j``; ``a`` is K×K (scalar) or K×K×C (per channel)."""
+    """``out_i = Σ_j a_ij · x_j``; ``a`` is K×K (scalar) or K×K×C (per channel).
+
+    Example:
+        >>> from nddrify.baselines import CrossStitchLayer
+        >>> CrossStitchLayer(3, channels=4).weight
+        Parameter containing:
+        tensor([[0.9000, 0.0500, 0.0500],
+                [0.0500, 0.9000, 0.0500],
+                [0.0500, 0.0500, 0.9000]], requires_grad=True)
+    """
 
     lr_mult = 1000.0  # paper Table A2: 1000× was best for cross-stitch on VGG-16
 
@@ -80,59 +97,83 @@ class CrossStitchLayer(FusionLayer):
         channels_last: Sequence[bool] | None = None,
     ) -> None:
         super().__init__()
-        alpha, beta = _diagonal_pair(init, num_tasks)
-        weight = torch.full((num_tasks, num_tasks), beta)
-        weight.fill_diagonal_(alpha)
+        alpha, beta = _pair(init, num_tasks, "cross-stitch")
+        weight = block_diagonal([1] * num_tasks, [1] * num_tasks, alpha, beta)
         if per_channel:
             weight = weight[:, :, None].repeat(1, 1, channels)
         self.weight = nn.Parameter(weight)
         self.channels_last = tuple(channels_last or (False,) * num_tasks)
 
     def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        maps = _to_nchw(features, self.channels_last)
+        maps = to_nchw(features, self.channels_last)
         weight = self.weight if self.weight.dim() == 3 else self.weight[:, :, None]
         mixed = [  # one fresh tensor per task (not views of a stacked result)
             sum(weight[i, j].view(1, -1, 1, 1) * x_j for j, x_j in enumerate(maps))
             for i in range(len(maps))
         ]
-        return _from_nchw(mixed, self.channels_last)
+        return from_nchw(mixed, self.channels_last)
 
 
 @dataclass(frozen=True)
 class CrossStitch:
-    """Factory for cross-stitch units (``nddrify.fuse(fusion="cross_stitch")`` uses the defaults).
+    """The cross-stitch fusion kind (``nddrify.fuse(fusion="cross_stitch")`` uses the defaults).
 
     Args:
         per_channel: one weight per channel per task pair instead of one scalar per pair.
         init: ``(alpha, beta)``; default (0.9, 0.1) for two tasks, rows summing to one for more.
+
+    Raises:
+        FusionConfigError: when made with an invalid ``init`` (``(0.9,)``, ``"xavier"``).
+
+    Example:
+        >>> from nddrify import CrossStitch
+        >>> from nddrify.plans import FusionLevel, FusionPoint
+        >>> level = FusionLevel(0, tuple(FusionPoint(t, "p", "p", (1, 32, 8, 8), True) for t in "ab"))
+        >>> CrossStitch().num_parameters(level), CrossStitch(per_channel=True).num_parameters(level)
+        ((4, 0), (128, 0))
     """
 
     per_channel: bool = False
     init: Init = None
 
-    def __call__(
-        self,
-        shapes: Sequence[Sequence[int]],
-        nonnegative: Sequence[bool] | None = None,
-        channels_last: Sequence[bool] | None = None,
-    ) -> CrossStitchLayer:
-        channels = _equal_widths(shapes, "cross-stitch")
+    def __post_init__(self) -> None:
+        check_init(self.init, xavier=False, kind="cross-stitch")
+
+    @property
+    def name(self) -> str:
+        """``"CrossStitch"``."""
+        return "CrossStitch"
+
+    def build(self, level: FusionLevel) -> CrossStitchLayer:
+        """The cross-stitch unit of ``level`` (its tasks' maps must share their width)."""
+        channels = _equal_widths(level, "cross-stitch")
         return CrossStitchLayer(
-            len(shapes),
+            len(level.points),
             channels,
             per_channel=self.per_channel,
             init=self.init,
-            channels_last=channels_last,
+            channels_last=level.channels_last,
         )
 
-    def num_parameters(self, shapes: Sequence[Sequence[int]]) -> tuple[int, int]:
-        channels = _equal_widths(shapes, "cross-stitch")
-        k = len(shapes)
+    def num_parameters(self, level: FusionLevel) -> tuple[int, int]:
+        """(K² weights, or K²·C per channel; 0 norm parameters)."""
+        channels = _equal_widths(level, "cross-stitch")
+        k = len(level.points)
         return (k * k * (channels if self.per_channel else 1), 0)
 
 
 class SluiceLayer(FusionLayer):
-    """Mix K·S channel subspaces with a learned (K·S)×(K·S) matrix."""
+    """Mix K·S channel subspaces with a learned (K·S)×(K·S) matrix.
+
+    Example:
+        >>> from nddrify.baselines import SluiceLayer
+        >>> SluiceLayer(2, channels=4, subspaces=2).weight
+        Parameter containing:
+        tensor([[0.9000, 0.0000, 0.1000, 0.0000],
+                [0.0000, 0.9000, 0.0000, 0.1000],
+                [0.1000, 0.0000, 0.9000, 0.0000],
+                [0.0000, 0.1000, 0.0000, 0.9000]], requires_grad=True)
+    """
 
     lr_mult = 1000.0
 
@@ -151,19 +192,15 @@ class SluiceLayer(FusionLayer):
                 f"sluice splits each task's {channels} channels into {subspaces} equal subspaces; "
                 "choose subspaces that divide the width."
             )
-        alpha, beta = _diagonal_pair(init, num_tasks)
-        size = num_tasks * subspaces
-        weight = torch.zeros(size, size)
-        for i in range(num_tasks):
-            for j in range(num_tasks):
-                for s in range(subspaces):
-                    weight[i * subspaces + s, j * subspaces + s] = alpha if i == j else beta
+        alpha, beta = _pair(init, num_tasks, "sluice")
+        # rows and columns (task, subspace): same subspace α (own task) or β, others 0
+        weight = block_diagonal([subspaces] * num_tasks, [subspaces] * num_tasks, alpha, beta)
         self.weight = nn.Parameter(weight)
         self.subspaces = subspaces
         self.channels_last = tuple(channels_last or (False,) * num_tasks)
 
     def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        maps = _to_nchw(features, self.channels_last)
+        maps = to_nchw(features, self.channels_last)
         n, c, h, w = maps[0].shape
         k, s = len(maps), self.subspaces
         stacked = torch.stack(maps).reshape(k, n, s, c // s, h, w).transpose(1, 2)
@@ -172,7 +209,7 @@ class SluiceLayer(FusionLayer):
         outputs = [  # cat gives each task its own tensor (not a view of the mixed stack)
             torch.cat(list(mixed[i * s : (i + 1) * s]), dim=1) for i in range(k)
         ]
-        return _from_nchw(outputs, self.channels_last)
+        return from_nchw(outputs, self.channels_last)
 
 
 class LayerStitchLayer(FusionLayer):
@@ -198,45 +235,87 @@ class LayerStitchLayer(FusionLayer):
 
 @dataclass(frozen=True)
 class Sluice:
-    """Factory for sluice units (``nddrify.fuse(fusion="sluice", subspaces=2)``).
+    """The sluice fusion kind (``nddrify.fuse(fusion="sluice", subspaces=2)``).
+
+    It spans the levels too (:class:`~nddrify.protocol.SpansLevels`): ``build_across(levels)``
+    is the layer-stitch, or None where the network's shapes allow none.
 
     Args:
         subspaces: S, the number of subspaces per task (paper: 2).
         init: ``(alpha, beta)`` for same-subspace mixing; other subspaces start at 0.
         layer_stitch: add the layer-stitch over the levels whose maps share the last level's
             shape (needs at least two such levels; otherwise none is built).
+
+    Raises:
+        FusionConfigError: when made with an invalid ``init`` or ``subspaces``.
+
+    Example:
+        >>> from nddrify import Sluice
+        >>> from nddrify.plans import FusionLevel, FusionPoint
+        >>> levels = [FusionLevel(i, tuple(FusionPoint(t, "p", "p", s, True) for t in "ab"))
+        ...           for i, s in enumerate([(1, 64, 56, 56), (1, 256, 28, 28), (1, 256, 28, 28)])]
+        >>> Sluice().num_parameters(levels[0]), Sluice().stitched_levels(levels)
+        ((16, 0), [1, 2])
+        >>> Sluice().across_parameters(levels), Sluice().build_across(levels).levels
+        ((4, 0), (1, 2))
     """
 
     subspaces: int = 2
     init: Init = None
     layer_stitch: bool = True
 
-    def __call__(
-        self,
-        shapes: Sequence[Sequence[int]],
-        nonnegative: Sequence[bool] | None = None,
-        channels_last: Sequence[bool] | None = None,
-    ) -> SluiceLayer:
-        channels = _equal_widths(shapes, "sluice")
+    def __post_init__(self) -> None:
+        check_positive_int(self.subspaces, "subspaces", "that divides every fused width (paper: 2)")
+        check_init(self.init, xavier=False, kind="sluice")
+
+    @property
+    def name(self) -> str:
+        """``"Sluice"``."""
+        return "Sluice"
+
+    def _channels(self, level: FusionLevel) -> int:
+        channels = _equal_widths(level, "sluice")
+        if channels % self.subspaces:
+            raise FusionConfigError(
+                f"fusion {level.describe()}: sluice splits each task's {channels} channels into "
+                f"subspaces={self.subspaces} equal subspaces; choose subspaces= that divides the "
+                "width."
+            )
+        return channels
+
+    def build(self, level: FusionLevel) -> SluiceLayer:
+        """The sluice unit of ``level`` (its tasks' maps must share their width)."""
+        channels = self._channels(level)
         return SluiceLayer(
-            len(shapes), channels, self.subspaces, init=self.init, channels_last=channels_last
+            len(level.points),
+            channels,
+            self.subspaces,
+            init=self.init,
+            channels_last=level.channels_last,
         )
 
-    def num_parameters(self, shapes: Sequence[Sequence[int]]) -> tuple[int, int]:
-        _equal_widths(shapes, "sluice")
-        size = len(shapes) * self.subspaces
+    def num_parameters(self, level: FusionLevel) -> tuple[int, int]:
+        """((K·S)² weights, 0 norm parameters)."""
+        self._channels(level)
+        size = len(level.points) * self.subspaces
         return (size * size, 0)
 
-    def stitched_levels(self, level_shapes: Sequence[Sequence[Sequence[int]]]) -> list[int]:
+    def stitched_levels(self, levels: Sequence[FusionLevel]) -> list[int]:
         """Indices of the levels the layer-stitch mixes (empty when it is not built)."""
-        if not self.layer_stitch:
+        if not self.layer_stitch or not levels:
             return []
-        last = [tuple(s[1:]) for s in level_shapes[-1]]
-        levels = [i for i, lv in enumerate(level_shapes) if [tuple(s[1:]) for s in lv] == last]
-        return levels if len(levels) >= 2 else []
+        last = [tuple(s[1:]) for s in levels[-1].shapes]
+        stitched = [
+            i for i, level in enumerate(levels) if [tuple(s[1:]) for s in level.shapes] == last
+        ]
+        return stitched if len(stitched) >= 2 else []
 
-    def level_mixer(
-        self, level_shapes: Sequence[Sequence[Sequence[int]]]
-    ) -> LayerStitchLayer | None:
-        levels = self.stitched_levels(level_shapes)
-        return LayerStitchLayer(len(level_shapes[-1]), levels) if levels else None
+    def build_across(self, levels: Sequence[FusionLevel]) -> LayerStitchLayer | None:
+        """The layer-stitch over :meth:`stitched_levels`, or None where there is none."""
+        stitched = self.stitched_levels(levels)
+        return LayerStitchLayer(len(levels[-1].points), stitched) if stitched else None
+
+    def across_parameters(self, levels: Sequence[FusionLevel]) -> tuple[int, int]:
+        """(K betas per stitched level, 0 norm parameters)."""
+        stitched = self.stitched_levels(levels)
+        return ((len(levels[-1].points) * len(stitched)) if stitched else 0, 0)

@@ -28,18 +28,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelsError, NddrifyError
-from .fusion import BUILD_META_KEY, factory_from_record, fuse
-from .layers import Shortcut
-from .rewriting import FusedGraphModule
+from .errors import CheckpointError, ModelsError
+from .meta import BUILD_META_KEY
+from .plans import Plan
+from .rewriting import FusedGraphModule, rewrite
+from .tasks import TaskOptions, trace
 
-__all__ = ["save", "load", "atomic_save", "CheckpointError"]
+__all__ = ["save", "load", "atomic_save"]
 
-_FORMAT = "nddrify.fused/1"
-
-
-class CheckpointError(NddrifyError, ValueError):
-    """A checkpoint cannot be written or rebuilt (unknown format, missing models or specs)."""
+_FORMAT = "nddrify.fused/2"
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
@@ -75,9 +72,10 @@ def save(
             f"expected a model returned by nddrify.fuse, got {type(fused).__name__}; to save "
             "any module's weights use torch.save(model.state_dict(), path)."
         )
-    if build["options"] is None:
+    stored = build["plan"]
+    if stored["fusion"] is None or (stored["shortcut"] or {}).get("custom"):
         raise CheckpointError(
-            "this fused model uses a custom fusion factory or a callable option (a custom norm "
+            "this fused model uses a fusion kind of your own or a callable option (a custom norm "
             "or activation) that cannot be stored without pickling code; save "
             "fused.state_dict() instead and rebuild with the same nddrify.fuse(...) call before "
             "load_state_dict."
@@ -104,7 +102,7 @@ def load(
     models: Sequence[nn.Module] | Mapping[str, nn.Module] | None = None,
     *,
     map_location: str | torch.device | None = "cpu",
-    **fuse_options: Any,
+    trace_options: TaskOptions = None,
 ) -> FusedGraphModule:
     """Rebuild a fused model saved by :func:`save` and load its weights (``weights_only=True``).
 
@@ -113,8 +111,8 @@ def load(
         models: the task models (list in task order, or dict by task name) when the checkpoint
             has no specs for them; their weights are replaced by the checkpoint's.
         map_location: where to load the tensors.
-        fuse_options: tracing options that cannot be stored (``leaf_modules``,
-            ``autowrap_functions``, ``concrete_args``), passed on to :func:`nddrify.fuse`.
+        trace_options: the :class:`~nddrify.TraceOptions` the model was fused with (they hold
+            classes and functions, which a checkpoint does not store).
     """
     payload = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
@@ -141,16 +139,12 @@ def load(
         chosen = list(models)
         if len(chosen) != len(tasks):
             raise ModelsError(f"got {len(chosen)} models for the checkpoint's tasks {tasks}.")
-    options = build["options"]
-    shortcut = options["shortcut"]
     example = build["example_input_shape"]
-    fused = fuse(
+    traced = trace(
         dict(zip(tasks, chosen)) if build["as_dict"] else chosen,
-        points=build["points"],
-        fusion=factory_from_record(options["fusion"]),
-        shortcut=Shortcut(**shortcut) if shortcut is not None else False,
         example_input=None if example is None else torch.zeros(example),
-        **fuse_options,
+        options=trace_options,
     )
+    fused = rewrite(traced, Plan.from_dict(build["plan"]))
     fused.load_state_dict(payload["state_dict"])
     return fused.train(payload["training"]) if fused.training != payload["training"] else fused

@@ -57,10 +57,11 @@ def _inspect(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .fusion import fusion_factory
+    from .kinds import fusion_factory
     from .layers import NDDR
     from .planning import candidate_list
     from .planning import plan as make_plan
+    from .tasks import trace
 
     console = Console()
     models = [load_spec(spec) for spec in args.specs]
@@ -73,9 +74,10 @@ def _inspect(args: argparse.Namespace) -> int:
         if args.fusion != "nddr":
             raise SpecError("--rank and --groups apply to --fusion nddr only.")
         factory = NDDR(rank=args.rank, groups=args.groups or 1)
-    plan = make_plan(models, _parse_points(args.points), example_input=example, fusion=factory)
+    traced = trace(models, example_input=example)
+    plan = make_plan(traced, _parse_points(args.points), fusion=factory)
     elapsed = time.perf_counter() - start
-    candidates = {t.task: candidate_list(t) for t in plan._traced} if args.all else {}
+    candidates = {t.task: candidate_list(t) for t in traced} if args.all else {}
     if args.json:
         payload = {
             "specs": args.specs,
@@ -131,7 +133,8 @@ def _inspect(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from . import fuse, overhead, plan, task_state_dict
+    from . import fuse, plan
+    from .training import overhead, task_state_dict
 
     console = Console(soft_wrap=True)
     torch.manual_seed(0)
@@ -176,7 +179,24 @@ def _demo(args: argparse.Namespace) -> int:
     if args.no_train:
         return status
     # The recipes' end-to-end run: single-task networks → NDDR-fused network on synthetic scenes.
-    from recipes.demo import main as train_demo
+    # The application plugs it in through the "nddrify.commands" entry point (pyproject.toml);
+    # the library never imports the recipes.
+    from importlib.metadata import entry_points
+
+    found = [ep for ep in entry_points(group="nddrify.commands") if ep.name == "demo"]
+    missing = (
+        "the training part of nddrify demo comes from the recipes (the repository's recipes/ "
+        "folder, installed as nddrify_recipes), which are not installed: from a clone of the "
+        'repository run pip install -e ".[dev]", or skip it with --no-train.'
+    )
+    if not found:
+        raise SpecError(missing)
+    try:
+        train_demo = found[0].load()
+    except ModuleNotFoundError as err:
+        if err.name and err.name.partition(".")[0] == found[0].module.partition(".")[0]:
+            raise SpecError(missing) from err
+        raise
 
     console.rule("Training on synthetic scenes: single-task networks → NDDR-fused network")
     return status or train_demo(["--out", args.out])
@@ -228,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--no-train",
         action="store_true",
-        help="skip the training part (python -m recipes.demo runs it with more options)",
+        help="skip the training part (the recipes' demo; python -m nddrify_recipes.demo runs it "
+        "with more options)",
     )
     demo.add_argument(
         "--out", default="runs/demo", help="folder for the training runs (default runs/demo)"

@@ -1,15 +1,17 @@
-"""The exceptions nddrify raises on bad input.
+"""Every exception nddrify raises on bad input, in one place.
 
-Every error a user can cause is a subclass of :class:`NddrifyError`, so one ``except`` clause catches
-them all, and each message names the task, node or argument at fault and says how to fix it.
+Each error a user can cause is a subclass of :class:`NddrifyError`, so one ``except`` clause
+catches them all; each class stands for one kind of mistake, and each message names the task,
+node or argument at fault and says how to fix it.
 
 Example:
     >>> import torch, nddrify
+    >>> from nddrify.errors import ModelsError
     >>> try:
     ...     nddrify.fuse(models=[torch.nn.Conv2d(3, 8, 3)], points="auto")
     ... except nddrify.NddrifyError as err:
-    ...     print(type(err).__name__)
-    ModelsError
+    ...     print(type(err).__name__, isinstance(err, ModelsError))
+    ModelsError True
 """
 
 from __future__ import annotations
@@ -17,11 +19,17 @@ from __future__ import annotations
 __all__ = [
     "NddrifyError",
     "ModelsError",
+    "InputError",
     "TraceError",
     "PointError",
     "ShapeMismatchError",
     "FusionConfigError",
+    "PlanError",
+    "ShareError",
+    "FusedModelError",
     "SpecError",
+    "CheckpointError",
+    "BatchingError",
 ]
 
 
@@ -30,7 +38,13 @@ class NddrifyError(Exception):
 
 
 class ModelsError(NddrifyError, ValueError):
-    """The ``models`` argument cannot be fused (too few, wrong type, different devices or dtypes)."""
+    """The ``models`` argument cannot be fused: too few, wrong type, unusable task names, or
+    models on different devices or dtypes."""
+
+
+class InputError(NddrifyError, ValueError):
+    """What nddrify must feed a model is wrong: the example input (not a 4-D tensor), a
+    ``forward`` signature it cannot call, or ``concrete_args`` that do not match it."""
 
 
 class TraceError(NddrifyError, RuntimeError):
@@ -46,8 +60,31 @@ class ShapeMismatchError(NddrifyError, ValueError):
 
 
 class FusionConfigError(NddrifyError, ValueError):
-    """An option of the fusion layers (init, norm, activation, shortcut) is invalid."""
+    """A fusion kind or one of its options (init, norm, activation, shortcut) is invalid."""
+
+
+class PlanError(NddrifyError, ValueError):
+    """A :class:`~nddrify.Plan` (or its ``to_dict`` form) is malformed, or does not match the
+    traced models it is applied to."""
+
+
+class ShareError(NddrifyError, ValueError):
+    """Hard sharing cannot be built: the trunks differ, or ``split`` / ``trunk`` is invalid."""
+
+
+class FusedModelError(NddrifyError, ValueError):
+    """A helper that needs a model built by nddrify got another module, or a task the fused
+    model does not have."""
 
 
 class SpecError(NddrifyError, ValueError):
     """A command-line model spec such as ``torchvision:vgg16`` cannot be resolved."""
+
+
+class CheckpointError(NddrifyError, ValueError):
+    """A checkpoint cannot be written or rebuilt (unknown format, missing models or specs)."""
+
+
+class BatchingError(NddrifyError, ValueError):
+    """``batch_tasks`` got something it cannot batch (not a fused model, a bad option), or
+    ``sync`` got a model whose weights do not match."""

@@ -17,15 +17,14 @@ Example:
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import FusionConfigError, ModelsError, PointError, ShapeMismatchError
+from .errors import FusionConfigError, PointError, ShapeMismatchError
 from .graph_analysis import (
     LAYOUT,
     NONNEGATIVE,
@@ -37,320 +36,19 @@ from .graph_analysis import (
     stage_ends,
     stage_module,
 )
-from .layers import NDDR, Shortcut, as_shortcut
-from .specs import is_spec, load_spec
-from .tracing import QUALNAME, TracedModel, trace_model
+from .kinds import fusion_factory, kind_record, shortcut_record
+from .layers import Shortcut, as_shortcut
+from .meta import QUALNAME
+from .plans import Candidate, FusionLevel, FusionPoint, Plan
+from .protocol import FusionKind, kind_name, spanning
+from .tasks import TaskOptions, TracedSet, trace
+from .tracing import TracedModel, TraceOptions, trace_model
 
-__all__ = [
-    "Candidate",
-    "FusionPoint",
-    "FusionLevel",
-    "Overhead",
-    "Plan",
-    "plan",
-    "get_fusion_candidates",
-    "Points",
-]
+__all__ = ["plan", "get_fusion_candidates", "candidate_list", "Points"]
 
 #: ``"auto"`` (stage ends from the graph), ``"declared"`` (timm's ``feature_info``), an int N (the
 #: last N auto points), names shared by all tasks, or one list per task.
 Points = str | int | Sequence[str] | Sequence[Sequence[str]] | Mapping[str, Sequence[str]]
-
-_RESERVED = {"x", "shortcut", "shared", "self", "torch"}
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A node of one model that can be fused: a spine feature map.
-
-    Attributes:
-        name: the readable name (the stage module ending there, else the node name).
-        node: the torchvision-style node name.
-        shape: the feature map's (N, C, H, W) on the example input, whatever its layout.
-        auto: whether ``points="auto"`` picks it.
-    """
-
-    name: str
-    node: str
-    shape: tuple[int, ...]
-    auto: bool
-
-    def __repr__(self) -> str:
-        mark = "*" if self.auto else " "
-        return f"{mark} {self.name:<28} {self.node:<32} {'×'.join(map(str, self.shape[1:]))}"
-
-
-@dataclass(frozen=True)
-class FusionPoint:
-    """One task's feature map at one fusion level.
-
-    ``shape`` is (N, C, H, W) whatever the layout; ``layout`` says how the tensor is stored
-    (``"NHWC"`` for channels-last stages such as Swin's).
-    """
-
-    task: str
-    name: str
-    node: str
-    shape: tuple[int, ...]
-    nonnegative: bool
-    layout: str = "NCHW"
-
-    @property
-    def channels(self) -> int:
-        return self.shape[1]
-
-    @property
-    def spatial(self) -> tuple[int, int]:
-        return (self.shape[2], self.shape[3])
-
-    def describe_shape(self) -> str:
-        """``"512×7×7"`` (C×H×W), with ``" NHWC"`` appended for channels-last maps."""
-        text = "×".join(map(str, self.shape[1:]))
-        return text if self.layout == "NCHW" else f"{text} {self.layout}"
-
-
-@dataclass(frozen=True)
-class FusionLevel:
-    """The K points fused by one layer, and the parameters that layer adds."""
-
-    index: int
-    points: tuple[FusionPoint, ...]
-    weights: int
-    norm_params: int
-
-    @property
-    def parameters(self) -> int:
-        return self.weights + self.norm_params
-
-
-@dataclass(frozen=True)
-class Overhead:
-    """Parameters the fusion adds, absolute and relative to the original models.
-
-    Attributes:
-        fusion_weights: 1×1 conv weights of all fusion layers (and the shortcut).
-        fusion_norm_params: affine parameters of their norms.
-        model_params: parameters of each original model, in task order.
-    """
-
-    fusion_weights: int
-    fusion_norm_params: int
-    model_params: tuple[int, ...]
-    kind: str = "NDDR"
-
-    @property
-    def fusion_params(self) -> int:
-        return self.fusion_weights + self.fusion_norm_params
-
-    @property
-    def weights_per_task(self) -> float:
-        return self.fusion_weights / len(self.model_params)
-
-    @property
-    def relative_per_task(self) -> float:
-        """Fusion weights per task over the mean size of one original model."""
-        return self.weights_per_task / (sum(self.model_params) / len(self.model_params))
-
-    def __str__(self) -> str:
-        what = "fusion 1×1 weights" if self.kind == "NDDR" else f"{self.kind} weights"
-        return (
-            f"{self.fusion_weights:,} {what} ({self.weights_per_task:,.0f} per task = "
-            f"{100 * self.relative_per_task:.2f}% of one model's "
-            f"{sum(self.model_params) // len(self.model_params):,}) + "
-            f"{self.fusion_norm_params:,} norm parameters"
-        )
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Where the tasks are fused and what it costs. Build it with :func:`plan`.
-
-    Attributes:
-        tasks: task names in order.
-        levels: one :class:`FusionLevel` per fusion point.
-        shortcut_weights, shortcut_norm_params: parameters of the NDDR-Shortcut (0 without it).
-        model_params: parameter count of each original model.
-    """
-
-    tasks: tuple[str, ...]
-    levels: tuple[FusionLevel, ...]
-    model_params: tuple[int, ...]
-    shortcut_weights: int = 0
-    shortcut_norm_params: int = 0
-    fusion_kind: str = "NDDR"
-    _traced: tuple[TracedModel, ...] = field(default=(), repr=False, compare=False)
-
-    def points(self, task: str) -> list[str]:
-        """The node names fused in ``task``, in level order."""
-        return [level.points[self.tasks.index(task)].node for level in self.levels]
-
-    @property
-    def overhead(self) -> Overhead:
-        return Overhead(
-            fusion_weights=sum(lv.weights for lv in self.levels) + self.shortcut_weights,
-            fusion_norm_params=sum(lv.norm_params for lv in self.levels)
-            + self.shortcut_norm_params,
-            model_params=self.model_params,
-            kind=self.fusion_kind,
-        )
-
-    def __repr__(self) -> str:
-        lines = [
-            f"Plan({len(self.tasks)} tasks: {', '.join(self.tasks)}; {len(self.levels)} levels)"
-        ]
-        for level in self.levels:
-            for point in level.points:
-                added = f"+{level.parameters:,} params" if point is level.points[0] else ""
-                lines.append(
-                    f"  level {level.index + 1}  {point.task:<10} {point.name:<24} "
-                    f"{point.node:<32} {point.describe_shape():<19}{added}".rstrip()
-                )
-        if self.shortcut_weights:
-            lines.append(
-                f"  shortcut   +{self.shortcut_weights + self.shortcut_norm_params:,} params"
-            )
-        lines.append(f"  overhead: {self.overhead}")
-        return "\n".join(lines)
-
-    def __rich__(self) -> Any:
-        from rich.table import Table
-
-        table = Table(title=f"NDDR fusion plan: {', '.join(self.tasks)}")
-        table.add_column("level", justify="right")
-        table.add_column("task")
-        table.add_column("point")
-        table.add_column("node")
-        table.add_column("shape (C×H×W)")
-        table.add_column("params added", justify="right")
-        for level in self.levels:
-            for point in level.points:
-                first = point is level.points[0]
-                table.add_row(
-                    str(level.index + 1) if first else "",
-                    point.task,
-                    point.name,
-                    point.node,
-                    point.describe_shape(),
-                    f"{level.parameters:,}" if first else "",
-                    end_section=point is level.points[-1],
-                )
-        if self.shortcut_weights:
-            params = self.shortcut_weights + self.shortcut_norm_params
-            table.add_row("", "all", "shortcut", "", "", f"{params:,}")
-        table.caption = str(self.overhead)
-        return table
-
-
-@dataclass(frozen=True)
-class TaskModels:
-    """The ``models`` argument resolved: task names, modules, their specs (or None), dict or not."""
-
-    names: tuple[str, ...]
-    modules: tuple[nn.Module, ...]
-    specs: tuple[str | None, ...]
-    as_dict: bool
-
-
-def resolve_models(models: Any) -> TaskModels:
-    """Validate ``models`` (a list or dict of ``nn.Module`` or spec strings such as
-    ``"torchvision:vgg16"``) and name the tasks (``task0, task1, …`` for a list)."""
-    if isinstance(models, TaskModels):
-        return models
-    if isinstance(models, nn.Module):
-        raise ModelsError(
-            "models must be a list or dict of at least two models, got a single "
-            f"{type(models).__name__}; pass models=[model_a, model_b]."
-        )
-    if isinstance(models, Mapping):
-        names, given, as_dict = [str(k) for k in models], list(models.values()), True
-    elif isinstance(models, Iterable) and not isinstance(models, (str, bytes)):
-        given = list(models)
-        names, as_dict = [f"task{i}" for i in range(len(given))], False
-    else:
-        raise ModelsError(
-            f"models must be a list or dict of nn.Module, got {type(models).__name__}."
-        )
-    if len(given) < 2:
-        raise ModelsError(
-            f"NDDR fuses at least two tasks, got {len(given)} model(s); pass two or more models."
-        )
-    specs = [m if is_spec(m) else None for m in given]
-    modules = [load_spec(m) if is_spec(m) else m for m in given]
-    for name, module in zip(names, modules):
-        if not isinstance(module, nn.Module):
-            raise ModelsError(
-                f"task {name!r} is a {type(module).__name__}, not an nn.Module or a model spec "
-                "such as 'torchvision:resnet50'."
-            )
-        if not name.isidentifier() or name in _RESERVED or name.startswith("nddr"):
-            raise ModelsError(
-                f"task name {name!r} cannot be used: task names become attribute names of the "
-                "fused module, so use a Python identifier that is not 'x', 'shortcut', 'shared' and does "
-                "not start with 'nddr' (e.g. 'seg', 'normal')."
-            )
-    placements = {}
-    for name, module in zip(names, modules):
-        tensor = next((t for t in (*module.parameters(), *module.buffers())), None)
-        if tensor is not None:
-            placements[name] = (tensor.device, tensor.dtype)
-    if len(set(placements.values())) > 1:
-        listing = ", ".join(
-            f"{n}: {d}/{str(t).replace('torch.', '')}" for n, (d, t) in placements.items()
-        )
-        raise ModelsError(
-            f"the models live on different devices or dtypes ({listing}); move them to one, "
-            "e.g. model.to('cuda', torch.float32), before fusing."
-        )
-    return TaskModels(tuple(names), tuple(modules), tuple(specs), as_dict)
-
-
-def _per_task_concrete_args(value: Any, names: Sequence[str]) -> list[Mapping[str, Any] | None]:
-    """``concrete_args`` for each task: one dict for all, a list of dicts, or a dict task → dict."""
-    if value is None:
-        return [None] * len(names)
-    if isinstance(value, Mapping):
-        per_task = bool(value) and set(value) <= set(names)
-        if per_task and all(v is None or isinstance(v, Mapping) for v in value.values()):
-            return [value.get(n) for n in names]
-        return [value] * len(names)
-    if isinstance(value, Sequence) and len(value) == len(names):
-        return list(value)
-    raise ModelsError(
-        f"concrete_args must be a dict (shared by all tasks), one dict per task ({len(names)} "
-        f"tasks), or a dict task name → dict; got {type(value).__name__}."
-    )
-
-
-def trace_all(
-    models: Any,
-    *,
-    example_input: torch.Tensor | None = None,
-    leaf_modules: Iterable[type] = (),
-    autowrap_functions: Iterable[Callable] = (),
-    concrete_args: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
-) -> tuple[list[TracedModel], bool]:
-    """Trace every task (stage 1) after validating ``models``; returns (traced, models-was-a-dict)."""
-    resolved = resolve_models(models)
-    names, modules = resolved.names, resolved.modules
-    concrete = _per_task_concrete_args(concrete_args, names)
-    leaf_modules, autowrap_functions = tuple(leaf_modules), tuple(autowrap_functions)
-    if example_input is None:
-        from .tracing import default_example_input
-
-        example_input = default_example_input(modules[0])
-    traced = []
-    for name, module, args in zip(names, modules, concrete):
-        traced.append(
-            trace_model(
-                module,
-                task=name,
-                example_input=example_input,
-                leaf_modules=leaf_modules,
-                autowrap_functions=autowrap_functions,
-                concrete_args=args,
-            )
-        )
-    return traced, resolved.as_dict
 
 
 def _candidates(traced: TracedModel) -> tuple[list[fx.Node], list[fx.Node]]:
@@ -359,7 +57,10 @@ def _candidates(traced: TracedModel) -> tuple[list[fx.Node], list[fx.Node]]:
 
 
 def get_fusion_candidates(
-    model: nn.Module, example_input: torch.Tensor | None = None, **trace_options: Any
+    model: nn.Module,
+    example_input: torch.Tensor | None = None,
+    *,
+    trace_options: TraceOptions | None = None,
 ) -> list[Candidate]:
     """Every node of ``model`` that can be a fusion point (its spine feature maps), marking those
     ``points="auto"`` picks. The discovery helper beside :func:`plan`, like torchvision's
@@ -371,7 +72,7 @@ def get_fusion_candidates(
         >>> [c.name for c in cands if c.auto]
         ['maxpool', 'layer1', 'layer2', 'layer3', 'layer4']
     """
-    traced = trace_model(model, example_input=example_input, **trace_options)
+    traced = trace_model(model, example_input=example_input, options=trace_options)
     return candidate_list(traced)
 
 
@@ -516,8 +217,13 @@ def _select(points: Points, traced: Sequence[TracedModel]) -> list[list[tuple[fx
         points = [p.strip() for p in points.split(",") if p.strip()]
     if isinstance(points, Mapping):
         missing = [n for n in names if n not in points]
-        if missing:
-            raise PointError(f"points is a dict but has no entry for task(s) {missing}.")
+        unknown = [k for k in points if k not in names]
+        if missing or unknown:
+            extra = f"; it names unknown task(s) {unknown}" if unknown else ""
+            raise PointError(
+                f"points is a dict but has no entry for task(s) {missing}{extra}; the tasks are "
+                f"{names}."
+            )
         lists = [list(points[n]) for n in names]
     elif points and all(isinstance(p, (list, tuple)) for p in points):
         if len(points) != len(names):
@@ -539,25 +245,64 @@ def _select(points: Points, traced: Sequence[TracedModel]) -> list[list[tuple[fx
     return [list(zip(_resolve(p, t), p)) for p, t in zip(lists, traced)]
 
 
-def _kind_name(fusion: Any) -> str:
-    name = type(fusion).__name__.lstrip("_")
-    if name == "NDDR" and (getattr(fusion, "rank", None) or getattr(fusion, "groups", 1) != 1):
-        return f"NDDR(rank={fusion.rank})" if fusion.rank else f"NDDR(groups={fusion.groups})"
-    return name
+def _check_train_graph(traced: TracedModel, nodes: Sequence[fx.Node]) -> None:
+    """Every point must exist in the train-mode graph too (it is rewritten the same way)."""
+    if traced.train_graph_module is None:
+        return
+    train_names = {n.meta.get(QUALNAME) for n in traced.train_graph_module.graph.nodes}
+    for node in nodes:
+        if node.meta[QUALNAME] not in train_names:
+            raise PointError(
+                f"task {traced.task!r}: point node {node.meta[QUALNAME]!r} exists in the "
+                "eval-mode graph but not in the train-mode one (a self.training branch); choose "
+                "a point that runs in both modes."
+            )
 
 
-def build_plan(
-    traced: Sequence[TracedModel],
+def _spanning_cost(
+    fusion: FusionKind, shortcut: Shortcut | None, levels: Sequence[FusionLevel]
+) -> tuple[int, int]:
+    hook = spanning(fusion, shortcut)
+    if hook is None or not levels:
+        return (0, 0)
+    return hook.across_parameters(levels)
+
+
+def plan(
+    models: TracedSet | Sequence[nn.Module | str] | Mapping[str, nn.Module | str],
     points: Points = "auto",
     *,
     fusion: Any = None,
-    shortcut: Shortcut | None = None,
+    shortcut: bool | Shortcut = False,
     resize: bool = False,
-    model_params: Sequence[int] = (),
+    example_input: torch.Tensor | None = None,
+    trace_options: TaskOptions = None,
 ) -> Plan:
-    """Make the :class:`Plan` for already traced models (what :func:`plan` does after tracing)."""
-    fusion = fusion or NDDR()
-    chosen = _select(points, traced)
+    """Decide where to fuse the tasks and what it costs, without building anything.
+
+    Args:
+        models: a :class:`~nddrify.tasks.TracedSet` from :func:`nddrify.trace`, or the models
+            themselves (traced first, with ``example_input`` and ``trace_options``).
+        points: ``"auto"`` (stage ends found from the graph), ``"declared"`` (the stage modules
+            a timm model declares in ``feature_info``), an int N (the last N auto points), a list
+            of module or node names shared by every task, a list of per-task lists, or a dict
+            task → list. Points are checked on the train- and the eval-mode graph.
+        fusion: the fusion kind (``"nddr"`` default, ``"cross_stitch"``, ``"sluice"``, or an
+            object such as ``nddrify.NDDR(rank=64)``); the plan records a built-in kind's options.
+        shortcut: include an NDDR-Shortcut (``True`` or :class:`~nddrify.Shortcut` options).
+        resize: allow points whose H×W differ across tasks (the fusion layer resizes).
+
+    Example:
+        >>> import torchvision, nddrify
+        >>> p = nddrify.plan([torchvision.models.resnet18(), torchvision.models.resnet34()], points=2)
+        >>> [lv.points[1].name for lv in p.levels]
+        ['layer3', 'layer4']
+    """
+    traced = trace(models, example_input=example_input, options=trace_options)
+    kind = fusion if isinstance(fusion, FusionKind) else fusion_factory(fusion)
+    shortcut_options = as_shortcut(shortcut)
+    resize = resize or getattr(kind, "resize", None) is not None
+    chosen = _select(points, traced.traced)
     levels = []
     for index, level_points in enumerate(zip(*chosen)):
         fusion_points = tuple(
@@ -582,77 +327,24 @@ def build_plan(
                 "choose points of equal resolution, or pass resize=True to resize each "
                 "task's inputs to its own H×W inside the fusion layer."
             )
+        level = FusionLevel(index, fusion_points)
         try:
-            weights, norm_params = fusion.num_parameters([p.shape for p in fusion_points])
+            weights, norm_params = kind.num_parameters(level)
         except FusionConfigError as err:
-            names = ", ".join(f"{p.task} {p.name!r}" for p in fusion_points)
-            raise FusionConfigError(f"fusion level {index + 1} ({names}): {err}") from None
+            if str(err).startswith(f"fusion {level.describe()}"):
+                raise
+            raise FusionConfigError(f"fusion {level.describe()}: {err}") from None
         levels.append(FusionLevel(index, fusion_points, weights, norm_params))
-    short_w = short_n = 0
-    level_shapes = [[p.shape for p in lv.points] for lv in levels]
-    if shortcut is not None and levels:
-        short_w, short_n = shortcut.num_parameters(level_shapes)
-    elif hasattr(fusion, "stitched_levels") and levels:  # sluice's layer-stitch betas
-        short_w = len(traced) * len(fusion.stitched_levels(level_shapes))
+    for t, nodes in zip(traced, chosen):
+        _check_train_graph(t, [n for n, _ in nodes])
+    across_weights, across_norms = _spanning_cost(kind, shortcut_options, levels)
     return Plan(
-        tasks=tuple(t.task for t in traced),
+        tasks=traced.tasks,
         levels=tuple(levels),
-        model_params=tuple(model_params),
-        shortcut_weights=short_w,
-        shortcut_norm_params=short_n,
-        fusion_kind=_kind_name(fusion),
-        _traced=tuple(traced),
-    )
-
-
-def plan(
-    models: Sequence[nn.Module | str] | Mapping[str, nn.Module | str] | TaskModels,
-    points: Points = "auto",
-    *,
-    example_input: torch.Tensor | None = None,
-    fusion: Any = None,
-    shortcut: bool | Shortcut = False,
-    resize: bool = False,
-    leaf_modules: Iterable[type] = (),
-    autowrap_functions: Iterable[Callable] = (),
-    concrete_args: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
-) -> Plan:
-    """Trace the models and decide where to fuse them, without building anything.
-
-    Args:
-        models: two or more models, as a list (tasks ``task0, task1, …``) or a dict (named tasks);
-            a model may be a spec string such as ``"torchvision:vgg16"`` or ``"timm:resnet50"``.
-        points: ``"auto"`` (stage ends found from the graph), ``"declared"`` (the stage modules
-            a timm model declares in ``feature_info``), an int N (the last N auto points), a list
-            of module or node names shared by every task, a list of per-task lists, or a dict
-            task → list.
-        example_input: input for shape propagation (default 1×3×224×224 or the model's own size).
-        fusion: the fusion layer factory used for the parameter count (default :class:`NDDR`).
-        shortcut: include an NDDR-Shortcut (``True`` or :class:`Shortcut` options).
-        resize: allow points whose H×W differ across tasks (the fusion layer resizes).
-        leaf_modules, autowrap_functions, concrete_args: tracing options, see
-            :func:`nddrify.trace_model`; ``concrete_args`` may be one dict per task.
-
-    Example:
-        >>> import torchvision, nddrify
-        >>> p = nddrify.plan([torchvision.models.resnet18(), torchvision.models.resnet34()], points=2)
-        >>> [lv.points[1].name for lv in p.levels]
-        ['layer3', 'layer4']
-    """
-    resolved = resolve_models(models)
-    traced, _ = trace_all(
-        resolved,
-        example_input=example_input,
-        leaf_modules=leaf_modules,
-        autowrap_functions=autowrap_functions,
-        concrete_args=concrete_args,
-    )
-    modules = resolved.modules
-    return build_plan(
-        traced,
-        points,
-        fusion=fusion,
-        shortcut=as_shortcut(shortcut),
-        resize=resize,
-        model_params=[sum(p.numel() for p in m.parameters()) for m in modules],
+        model_params=traced.model_params,
+        shortcut_weights=across_weights,
+        shortcut_norm_params=across_norms,
+        fusion_kind=kind_name(kind),
+        fusion=kind_record(kind),
+        shortcut=shortcut_record(shortcut_options),
     )

@@ -11,7 +11,8 @@ Shapes come from :class:`torch.fx.passes.shape_prop.ShapeProp` run on the eval g
 
 Example:
     >>> import torchvision, nddrify
-    >>> traced = nddrify.trace_model(torchvision.models.resnet18())
+    >>> from nddrify.tracing import trace_model
+    >>> traced = trace_model(torchvision.models.resnet18())
     >>> traced.node("layer4").meta["qualname"], tuple(traced.node("layer4").meta["tensor_meta"].shape)
     ('layer4.1.relu_1', (1, 512, 7, 7))
 """
@@ -26,15 +27,18 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 import torchvision
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 from torchvision.models.feature_extraction import NodePathTracer
 
-from .errors import ModelsError, TraceError
+from .errors import InputError, ModelsError, TraceError
+from .meta import MODULE_CALLS, QUALNAME, ModuleCall
 
 __all__ = [
+    "TraceOptions",
     "TracedModel",
     "trace_model",
     "default_example_input",
@@ -43,8 +47,43 @@ __all__ = [
     "QUALNAME",
 ]
 
-#: ``node.meta`` key holding the torchvision-style node name (``"layer1.0.relu"``).
-QUALNAME = "qualname"
+
+@dataclass(frozen=True)
+class TraceOptions:
+    """How to trace a model: the tracer's knobs as one value.
+
+    Pass one ``TraceOptions`` for every task, or one per task (a list in task order, or a dict
+    task name → options) wherever nddrify traces (``trace``, ``plan``, ``fuse``, ``share``).
+
+    Attributes:
+        leaf_modules: module classes not to trace into (added to torchvision's and timm's).
+        autowrap_functions: functions to keep as single calls (added to timm's; fx ignores
+            functions whose name starts with ``_`` unless listed here).
+        concrete_args: values for forward arguments other than the image. Arguments with a
+            non-tensor default (``None``, flags) are fixed to that default unless given here.
+
+    Example:
+        >>> import torchvision, nddrify
+        >>> from torchvision.ops.misc import Conv2dNormActivation
+        >>> opts = nddrify.TraceOptions(leaf_modules=(Conv2dNormActivation,))
+        >>> traced = nddrify.trace([torchvision.models.mobilenet_v2()] * 2, options=opts)
+        >>> traced["task0"].node("features.1").op
+        'call_module'
+    """
+
+    leaf_modules: tuple[type, ...] = ()
+    autowrap_functions: tuple[Callable, ...] = ()
+    concrete_args: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
+        object.__setattr__(self, "autowrap_functions", tuple(self.autowrap_functions))
+        if self.concrete_args is not None and not isinstance(self.concrete_args, Mapping):
+            raise InputError(
+                f"TraceOptions(concrete_args=...) must be a dict argument name → value, got "
+                f"{type(self.concrete_args).__name__}; give one TraceOptions per task for "
+                "per-task values."
+            )
 
 
 @dataclass
@@ -81,7 +120,7 @@ class TracedModel:
 
         Raises:
             KeyError: when no node or module has that name (the planner turns this into a
-                :class:`~nddrify.PointError` with suggestions).
+                :class:`~nddrify.errors.PointError` with suggestions).
         """
         found = None
         for node in self.graph.nodes:
@@ -95,20 +134,52 @@ class TracedModel:
         return found
 
 
+_PLAIN_ARGUMENT = (int, float, bool, str, type(None), torch.dtype, torch.device)
+
+
 class _Tracer(NodePathTracer):
-    """torchvision's NodePathTracer that also remembers the innermost module it failed in."""
+    """torchvision's NodePathTracer that remembers the innermost module it failed in, and records
+    every traced-through submodule call as a :class:`~nddrify.meta.ModuleCall` on its result's
+    ``meta[MODULE_CALLS]``."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.failed_module: str | None = None
 
     def call_module(self, m: nn.Module, forward: Callable, args: Any, kwargs: Any) -> Any:
+        last = next(iter(reversed(self.graph.nodes)), None)
         try:
-            return super().call_module(m, forward, args, kwargs)
+            result = super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_module is None:
                 self.failed_module = self.path_of_module(m)
             raise
+        self._record_call(m, last, args, kwargs, result)
+        return result
+
+    def _record_call(
+        self, m: nn.Module, last: fx.Node | None, args: Any, kwargs: Any, result: Any
+    ) -> None:
+        if not isinstance(result, fx.Proxy) or result.node.graph is not self.graph:
+            return
+        nodes = []
+        node = last.next if last is not None else next(iter(self.graph.nodes), None)
+        while node is not None and node.op != "root":
+            nodes.append(node)
+            node = node.next
+        if len(nodes) < 2 or nodes[-1] is not result.node:
+            return  # a leaf call (already one node), or a result made before the call
+        leaves = pytree.tree_leaves((args, kwargs))
+        if not all(isinstance(v, (fx.Proxy, *_PLAIN_ARGUMENT)) for v in leaves):
+            return
+        unwrap = lambda v: v.node if isinstance(v, fx.Proxy) else v  # noqa: E731
+        call = ModuleCall(
+            path=self.path_of_module(m),
+            nodes=tuple(nodes),
+            args=tuple(pytree.tree_map(unwrap, tuple(args))),
+            kwargs=dict(pytree.tree_map(unwrap, dict(kwargs))),
+        )
+        result.node.meta[MODULE_CALLS] = (*result.node.meta.get(MODULE_CALLS, ()), call)
 
 
 def _timm_notrace() -> tuple[list[type], list[Callable]]:
@@ -150,7 +221,7 @@ def _forward_concrete_args(
         p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     ]
     if not positional:
-        raise ModelsError(
+        raise InputError(
             f"task {task!r}: {type(model).__name__}.forward takes no named input argument; nddrify "
             "feeds the image as the first positional argument. Wrap the model in a module whose "
             "forward(self, x) calls it."
@@ -166,14 +237,14 @@ def _forward_concrete_args(
         elif not isinstance(param.default, torch.Tensor):
             concrete[param.name] = param.default
     if missing:
-        raise ModelsError(
+        raise InputError(
             f"task {task!r}: {type(model).__name__}.forward needs the argument(s) {missing} besides "
-            f"the image {image_arg!r}; fix them with concrete_args={{{missing[0]!r}: value}} "
-            "(a dict, or a list with one dict per task)."
+            f"the image {image_arg!r}; fix them with nddrify.TraceOptions(concrete_args="
+            f"{{{missing[0]!r}: value}}) (one for all tasks, or one per task)."
         )
     unknown = sorted(set(concrete) - {p.name for p in positional[1:]})
     if unknown:
-        raise ModelsError(
+        raise InputError(
             f"task {task!r}: concrete_args names {unknown}, which {type(model).__name__}.forward "
             f"does not take; its arguments are {[p.name for p in positional]}."
         )
@@ -185,7 +256,8 @@ def default_example_input(model: nn.Module) -> torch.Tensor:
 
     Example:
         >>> import torchvision, nddrify
-        >>> tuple(nddrify.default_example_input(torchvision.models.vgg16()).shape)
+        >>> from nddrify.tracing import default_example_input
+        >>> tuple(default_example_input(torchvision.models.vgg16()).shape)
         (1, 3, 224, 224)
     """
     size: tuple[int, ...] = (3, 224, 224)
@@ -221,10 +293,11 @@ def _trace_graph(
         raise TraceError(
             f"task {task!r}: torch.fx could not trace the model in {mode} mode, {module_desc}: "
             f"{type(err).__name__}: {err}\n"
-            "How to fix: make the failing module a leaf (fuse(..., leaf_modules=[ItsClass])), "
-            "autowrap the function that breaks tracing (fuse(..., autowrap_functions=[fn]); fx "
-            "ignores functions whose name starts with '_'), or fix data-dependent forward "
-            "arguments (fuse(..., concrete_args={'name': value}))."
+            "How to fix: make the failing module a leaf (nddrify.TraceOptions(leaf_modules=[ItsClass]) "
+            "passed as trace_options=), autowrap the function that breaks tracing "
+            "(TraceOptions(autowrap_functions=[fn]); fx ignores functions whose name starts with "
+            "'_'), or fix data-dependent forward arguments (TraceOptions(concrete_args={'name': "
+            "value}))."
         ) from err
     for node in graph.nodes:
         node.meta[QUALNAME] = tracer.node_to_qualname.get(node, node.op)
@@ -298,9 +371,7 @@ def trace_model(
     *,
     task: str = "task0",
     example_input: torch.Tensor | None = None,
-    leaf_modules: Iterable[type] = (),
-    autowrap_functions: Iterable[Callable] = (),
-    concrete_args: Mapping[str, Any] | None = None,
+    options: TraceOptions | None = None,
 ) -> TracedModel:
     """Trace ``model`` in train and eval mode and propagate shapes.
 
@@ -312,33 +383,31 @@ def trace_model(
             modified (not even its train/eval mode).
         task: the task's name, used in error messages.
         example_input: input for shape propagation; default :func:`default_example_input`.
-        leaf_modules: module classes not to trace into (added to torchvision's and timm's).
-        autowrap_functions: functions to keep as single calls (added to timm's).
-        concrete_args: values for forward arguments other than the image. Arguments with a
-            non-tensor default (``None``, flags) are fixed to that default unless given here.
+        options: the tracer's knobs (:class:`TraceOptions`).
 
     Raises:
         TraceError: torch.fx failed, or the traced model failed on ``example_input``.
-        ModelsError: the forward signature needs arguments nddrify cannot provide.
+        InputError: the forward signature needs arguments nddrify cannot provide.
     """
     if not isinstance(model, nn.Module):
         raise ModelsError(f"task {task!r}: expected an nn.Module, got {type(model).__name__}.")
-    _, fixed_args = _forward_concrete_args(model, task, concrete_args)
+    options = options if options is not None else TraceOptions()
+    _, fixed_args = _forward_concrete_args(model, task, options.concrete_args)
     if example_input is None:
         example_input = default_example_input(model)
     if not isinstance(example_input, torch.Tensor):
-        raise ModelsError(
+        raise InputError(
             f"task {task!r}: example_input must be a tensor, got {type(example_input).__name__}."
         )
     if example_input.dim() != 4:
-        raise ModelsError(
+        raise InputError(
             f"task {task!r}: example_input has shape {tuple(example_input.shape)}; nddrify fuses "
             "image models and needs a 4-D N×C×H×W batch, e.g. torch.randn(1, 3, 224, 224)."
         )
     placement = _parameter_device_dtype(model)
     if placement is not None:
         example_input = example_input.to(*placement)
-    tracer_kwargs = _tracer_kwargs(leaf_modules, autowrap_functions)
+    tracer_kwargs = _tracer_kwargs(options.leaf_modules, options.autowrap_functions)
 
     modes = module_modes(model)
     try:

@@ -22,13 +22,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.fx as fx
 from torch import nn
 
-from .errors import ModelsError
+from .errors import FusedModelError
 from .layers import FusionLayer
-from .planning import Overhead, Plan
-from .rewriting import PLAN_META_KEY
+from .meta import fused_plan
+from .plans import Overhead, Plan
 
 __all__ = ["param_groups", "overhead", "task_state_dict", "fused_plan"]
 
@@ -118,28 +117,14 @@ def param_groups(
     return sorted(groups, key=lambda g: (order.index(g["name"].split("_x")[0]), g["lr_mult"]))
 
 
-def fused_plan(fused: nn.Module) -> Plan:
-    """The :class:`~nddrify.Plan` a fused model was built from."""
-    meta = getattr(fused, "meta", None)
-    if (
-        not isinstance(fused, fx.GraphModule)
-        or not isinstance(meta, dict)
-        or PLAN_META_KEY not in meta
-    ):
-        raise ModelsError(
-            f"expected a model returned by nddrify.fuse, got {type(fused).__name__} without a plan "
-            f"in .meta[{PLAN_META_KEY!r}]."
-        )
-    return meta[PLAN_META_KEY]
-
-
 def overhead(fused_or_plan: nn.Module | Plan) -> Overhead:
     """Parameters the fusion layers add, absolute and relative to the original models.
 
     Example:
         >>> import torchvision, nddrify
         >>> p = nddrify.plan([torchvision.models.vgg16(), torchvision.models.vgg16()])
-        >>> print(nddrify.overhead(p))
+        >>> from nddrify.training import overhead
+        >>> print(overhead(p))
         2,441,216 fusion 1×1 weights (1,220,608 per task = 0.88% of one model's 138,357,544) + 5,888 norm parameters
     """
     if isinstance(fused_or_plan, Plan):
@@ -157,17 +142,18 @@ def task_state_dict(fused: nn.Module, task: str | int) -> OrderedDict[str, torch
         >>> import torchvision, nddrify
         >>> vgg = torchvision.models.vgg11()
         >>> fused = nddrify.fuse({"seg": vgg, "depth": torchvision.models.vgg11()})
-        >>> sd = nddrify.task_state_dict(fused, "seg")
+        >>> from nddrify.training import task_state_dict
+        >>> sd = task_state_dict(fused, "seg")
         >>> sorted(sd) == sorted(vgg.state_dict())
         True
     """
     tasks = fused_plan(fused).tasks
     if isinstance(task, int):
         if not 0 <= task < len(tasks):
-            raise ModelsError(f"task index {task} is out of range for tasks {list(tasks)}.")
+            raise FusedModelError(f"task index {task} is out of range for tasks {list(tasks)}.")
         task = tasks[task]
     if task not in tasks:
-        raise ModelsError(f"no task {task!r} in this fused model; its tasks are {list(tasks)}.")
+        raise FusedModelError(f"no task {task!r} in this fused model; its tasks are {list(tasks)}.")
     state = fused.state_dict()
     weights: OrderedDict[str, torch.Tensor] = OrderedDict()
     for prefix in ("shared.", task + "."):  # a hard-sharing model's trunk belongs to every task

@@ -10,6 +10,11 @@ The paper's setups, built from torchvision parts and trained through :func:`nddr
 * :mod:`recipes.train` (``python -m recipes.train CONFIG``): single-task → fused training.
 
 ``recipes/README.md`` maps every row of the paper's tables to one command.
+
+This folder imports as ``recipes`` from a checkout of the repository; installed (``pip install``)
+it is the package ``nddrify_recipes``. Its modules import one another relatively, so both names
+work. :mod:`nddrify` never imports it: the ``nddrify demo`` command finds :func:`recipes.demo.main`
+through the ``nddrify.commands`` entry point.
 """
 
 __all__: list[str] = []

@@ -29,10 +29,9 @@ Example:
 from __future__ import annotations
 
 import copy
-import operator
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -41,7 +40,9 @@ from torch import nn
 
 import nddrify
 from nddrify.layers import FusionLayer, NDDRShortcutLayer
-from nddrify.tracing import QUALNAME
+from nddrify.meta import SEGMENT_META_KEY, TASK_META_KEY, fused_plan
+from nddrify.rewriting.emit import GraphWriter
+from nddrify.rewriting.ir import Junction, RewriteIR, task_segments
 
 from .configs import RecipeConfig
 from .errors import DatasetFormatError, RecipeError
@@ -179,7 +180,8 @@ def load_task_weights(model: nn.Module, path: str, task: str) -> dict[str, torch
         read_state_dict(
             path,
             f"init_from[{task!r}]",
-            "train the single-task runs first (python -m recipes.train <prefix>_single_<task>), "
+            f"train the single-task runs first (python -m {__package__}.train "
+            "<prefix>_single_<task>), "
             "or point it at a weights file with --set init_from.<task>=PATH",
         )
     )
@@ -274,33 +276,28 @@ def add_single_shortcut(
         >>> tuple(net(torch.randn(2, 3, 32, 32)).shape)
         (2, 3, 8, 8)
     """
-    traced = nddrify.trace_model(model, example_input=example_input)
-    if traced.train_graph_module is not None:
+    traced = nddrify.trace([model, model], example_input=example_input)
+    if traced[0].train_graph_module is not None:
         raise RecipeError(
             f"{type(model).__name__} traces to different train and eval graphs; the single-task "
             "shortcut needs one graph (use nn.Dropout modules instead of F.dropout)."
         )
-    plan = nddrify.plan([model, model], points, example_input=example_input)
-    graph_module = copy.deepcopy(traced.graph_module)
-    graph = graph_module.graph
-    by_name = {n.meta.get(QUALNAME): n for n in graph.nodes}
+    plan = nddrify.plan(traced, points)
     level_points = [level.points[0] for level in plan.levels]
-    nodes = [by_name[p.node] for p in level_points]
-    layer = NDDRShortcutLayer(
-        [[p.channels] for p in level_points],
-        nonnegative=[level_points[-1].nonnegative],
-        resize_mode=resize_mode,  # type: ignore[arg-type]
+    segments = task_segments(
+        traced[0], plan.points("task0"), [p.name for p in level_points], train=False
     )
-    graph_module.add_submodule("shortcut", layer)
-    last = nodes[-1]
-    with graph.inserting_after(last):
-        call = graph.call_module("shortcut", args=([(n,) for n in nodes],))
-    with graph.inserting_after(call):
-        reduced = graph.call_function(operator.getitem, (call, 0))
-    last.replace_all_uses_with(reduced, delete_user_cb=lambda user: user is not call)
-    graph.lint()
-    graph_module.recompile()
-    return graph_module
+    last = len(plan.levels) - 1
+    ir = RewriteIR((segments,), (Junction("across", last, "shortcut"),), as_dict=False, single=True)
+    root = copy.deepcopy(model)
+    layer = nddrify.Shortcut(
+        resize_mode=resize_mode
+    ).build_across(  # type: ignore[arg-type]
+        [replace(level, points=level.points[:1]) for level in plan.levels]
+    )
+    root.add_module("shortcut", layer)
+    graph = GraphWriter(ir, collapse=True, prefixes=[""]).emit()
+    return fx.GraphModule(root, graph, class_name=type(model).__name__)
 
 
 class _PassThroughLayer(FusionLayer):
@@ -311,28 +308,26 @@ class _PassThroughLayer(FusionLayer):
 
 
 class _PassThrough:
-    def __call__(self, shapes: Any, nonnegative: Any = None, channels_last: Any = None) -> Any:
+    """The fusion kind of a tied-trunk fusion: nothing is mixed, nothing is added."""
+
+    name = "PassThrough"
+
+    def build(self, level: Any) -> FusionLayer:
         return _PassThroughLayer()
 
-    def num_parameters(self, shapes: Any) -> tuple[int, int]:
+    def num_parameters(self, level: Any) -> tuple[int, int]:
         return (0, 0)
 
 
 def _trunk_modules(fused: fx.GraphModule, task: str) -> list[str]:
-    """Names (without the task prefix) of ``task``'s modules called before the last fusion layer
-    (the shortcut excluded): the trunk a hard-sharing model would share."""
-    fusion_calls = [
-        i
-        for i, n in enumerate(fused.graph.nodes)
-        if n.op == "call_module"
-        and isinstance(fused.get_submodule(n.target), FusionLayer)
-        and not isinstance(fused.get_submodule(n.target), NDDRShortcutLayer)
-    ]
+    """Names (without the task prefix) of ``task``'s modules called before the last fusion layer:
+    the trunk a hard-sharing model would share. Read from the node-by-node graph's segment
+    marks (segment s runs before fusion level s)."""
+    levels = len(fused_plan(fused).levels)
     names = []
-    for i, node in enumerate(fused.graph.nodes):
-        if i >= fusion_calls[-1]:
-            break
-        if node.op == "call_module" and str(node.target).startswith(task + "."):
+    for node in fused.flat_graph(train=False).nodes:
+        before_last = node.meta.get(SEGMENT_META_KEY, levels) < levels
+        if node.op == "call_module" and node.meta.get(TASK_META_KEY) == task and before_last:
             names.append(str(node.target)[len(task) + 1 :])
     return names
 
@@ -410,7 +405,7 @@ def build_network(config: RecipeConfig, *, log: Callable[[str], None] | None = N
             shared = _tie_trunks(net, tasks, config.mul_trunk)
             note(f"hard sharing with shortcut: {shared:,} trunk parameters tied across tasks")
         else:
-            note(str(nddrify.overhead(net)))
+            note(str(fused_plan(net).overhead))
         if config.shortcut:
             layer = next(m for m in net.modules() if isinstance(m, NDDRShortcutLayer))
             for index, task in enumerate(tasks):

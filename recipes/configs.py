@@ -654,7 +654,7 @@ def get_config(name: str) -> RecipeConfig:
         close = difflib.get_close_matches(name, list(configs), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(
-            f"no configuration named {name!r}.{hint} List them with python -m recipes.train "
+            f"no configuration named {name!r}.{hint} List them with python -m {__package__}.train "
             "--list, or pass a JSON file path."
         )
     return dataclasses.replace(configs[name], init_from=dict(configs[name].init_from))

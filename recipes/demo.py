@@ -153,7 +153,7 @@ def _print_table(
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``python -m recipes.demo`` (defaults: a few minutes on 2 CPU cores)."""
     parser = argparse.ArgumentParser(
-        prog="python -m recipes.demo",
+        prog=f"python -m {__package__}.demo",
         description="Single-task networks → NDDR-fused network on synthetic scenes, evaluated.",
     )
     parser.add_argument("--out", default="runs/demo", help="folder for the runs")

@@ -81,12 +81,12 @@ from .distributed import (
     teardown_distributed,
 )
 from .errors import ConfigError, RecipeError
+from .results import append_jsonl, format_results, write_results
+from .scoring import evaluate_network
 
 __all__ = [
     "TrainResult",
     "train",
-    "append_jsonl",
-    "write_results",
     "valid_counts",
     "build_parser",
     "parse_config",
@@ -116,14 +116,6 @@ class TrainResult:
 # ----------------------------------------------------------------------------- files
 
 
-def append_jsonl(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
-    """Append one JSON record (one line) to ``path``."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with target.open("a") as file:
-        file.write(json.dumps(record) + "\n")
-
-
 def _truncate_jsonl(path: Path, keep_through_step: int) -> None:
     """Drop records logged after ``keep_through_step`` (a resumed run re-logs them)."""
     if not path.is_file():
@@ -134,20 +126,6 @@ def _truncate_jsonl(path: Path, keep_through_step: int) -> None:
         if line.strip() and int(json.loads(line).get("step", 0)) <= keep_through_step
     ]
     path.write_text("".join(line + "\n" for line in kept))
-
-
-def write_results(run_dir: Path, config: RecipeConfig, metrics: Mapping[str, Any]) -> Path:
-    """Write ``results.md`` (the paper's layout, one row labelled with the config's label) and
-    ``results.json``; returns the Markdown path."""
-    from .evaluate import format_results
-
-    label = config.label or config.name
-    table = format_results({label: dict(metrics)})
-    title = f"# {config.name}\n\n{config.paper}\n\n" if config.paper else f"# {config.name}\n\n"
-    path = Path(run_dir) / "results.md"
-    path.write_text(title + table + "\n")
-    (Path(run_dir) / "results.json").write_text(json.dumps(dict(metrics), indent=2) + "\n")
-    return path
 
 
 # ----------------------------------------------------------------------------- RNG state
@@ -295,7 +273,6 @@ def _train(
     evaluate: bool,
     log: Callable[[str], None] | None,
 ) -> TrainResult:
-    from .evaluate import evaluate_network
     from .losses import multitask_loss
 
     console = _console(config.progress and context.is_main)
@@ -616,7 +593,7 @@ def _progress(enabled: bool, console: Any) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     """The ``recipes.train`` argument parser: one ``--<field>`` flag per config field."""
     parser = argparse.ArgumentParser(
-        prog="python -m recipes.train",
+        prog=f"python -m {__package__}.train",
         description="Train one of the NDDR-CNN paper's setups (see recipes/README.md).",
     )
     parser.add_argument("config", nargs="?", help="a registered config name or a JSON file")
@@ -662,7 +639,7 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[RecipeConfig, argpa
     """Parse the command line into a validated config (flags are applied after ``--set``)."""
     args = build_parser().parse_args(argv)
     if not args.config:
-        raise ConfigError("name a config (python -m recipes.train --list shows them).")
+        raise ConfigError(f"name a config (python -m {__package__}.train --list shows them).")
     overrides = list(args.overrides)
     for name in field_types():
         value = getattr(args, f"field_{name}")
@@ -715,8 +692,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"[red]error:[/red] {error}")
         return 2
     if result.metrics is not None and int(os.environ.get("RANK", "0")) == 0:
-        from .evaluate import format_results
-
         print(format_results({config.label or config.name: result.metrics}))
     return 0
 

@@ -8,10 +8,13 @@ import torchvision
 
 import nddrify
 from nddrify.baselines import CrossStitchLayer, LayerStitchLayer, SluiceLayer
+from nddrify.errors import FusionConfigError, ShareError
 from nddrify.layers import NDDRGroupedLayer, NDDRLayer, NDDRLowRankLayer
+from nddrify.protocol import FusionKind, SpansLevels
 
 from .models import TinyCNN, UNet
 from .test_fuse import ATOL, _flatten, max_identity_diff
+from .test_layers import _level
 
 tv = torchvision.models
 
@@ -36,7 +39,7 @@ def test_cross_stitch_matches_hand_computation() -> None:
 
 
 def test_rows_sum_to_one_for_three_tasks() -> None:
-    layer = nddrify.CrossStitch()([(1, 4, 2, 2)] * 3)
+    layer = nddrify.CrossStitch().build(_level([(1, 4, 2, 2)] * 3))
     assert torch.allclose(layer.weight.sum(dim=1), torch.ones(3))
 
 
@@ -75,13 +78,20 @@ def test_sluice_mixes_subspaces_by_hand() -> None:
 def test_layer_stitch_only_where_shapes_allow() -> None:
     sluice = nddrify.Sluice()
     vgg_levels = [
-        [(1, c, s, s)] * 2 for c, s in ((64, 112), (128, 56), (256, 28), (512, 14), (512, 7))
+        _level([(1, c, s, s)] * 2, index=i)
+        for i, (c, s) in enumerate(((64, 112), (128, 56), (256, 28), (512, 14), (512, 7)))
     ]
     assert sluice.stitched_levels(vgg_levels) == []
-    dilated = [[(1, 256, 28, 28)] * 2, [(1, 256, 28, 28)] * 2, [(1, 256, 28, 28)] * 2]
+    assert sluice.build_across(vgg_levels) is None
+    assert sluice.across_parameters(vgg_levels) == (0, 0)
+    dilated = [_level([(1, 256, 28, 28)] * 2, index=i) for i in range(3)]
     assert sluice.stitched_levels(dilated) == [0, 1, 2]
-    layer = sluice.level_mixer(dilated)
+    assert sluice.across_parameters(dilated) == (2 * 3, 0)
+    assert nddrify.Sluice(layer_stitch=False).build_across(dilated) is None
+    assert nddrify.Sluice(layer_stitch=False).across_parameters(dilated) == (0, 0)
+    layer = sluice.build_across(dilated)
     assert isinstance(layer, LayerStitchLayer)
+    assert sum(p.numel() for p in layer.parameters()) == 2 * 3
     levels = [(torch.randn(1, 2, 2, 2), torch.randn(1, 2, 2, 2)) for _ in range(3)]
     assert torch.equal(layer(levels)[1], levels[2][1])  # identity at init
     with torch.no_grad():
@@ -132,10 +142,59 @@ def test_grouped_nddr_is_a_block_sparse_full_nddr() -> None:
     ids=["nddr-rank8", "nddr-groups4", "cross-stitch", "cross-stitch-per-channel", "sluice"],
 )
 def test_parameter_counts_match_the_built_layers(factory) -> None:
-    shapes = [(1, 32, 8, 8), (1, 32, 8, 8)]
-    weights, norms = factory.num_parameters(shapes)
-    layer = factory(shapes, [False, False], [False, False])
+    level = _level([(1, 32, 8, 8), (1, 32, 8, 8)], [False, False], ["NCHW", "NCHW"])
+    weights, norms = factory.num_parameters(level)
+    layer = factory.build(level)
     assert sum(p.numel() for p in layer.parameters()) == weights + norms
+
+
+def test_baselines_are_fusion_kinds() -> None:
+    cross, sluice = nddrify.CrossStitch(), nddrify.Sluice()
+    assert isinstance(cross, FusionKind) and not isinstance(cross, SpansLevels)
+    assert isinstance(sluice, FusionKind) and isinstance(sluice, SpansLevels)
+    assert (cross.name, nddrify.CrossStitch(per_channel=True).name, sluice.name) == (
+        "CrossStitch",
+        "CrossStitch",
+        "Sluice",
+    )
+    level = _level([(1, 4, 3, 3)] * 2, [True, False], ["NCHW", "NHWC"])
+    assert cross.build(level).channels_last == (False, True)
+    layer = nddrify.Sluice(subspaces=4).build(level)
+    assert layer.subspaces == 4 and layer.channels_last == (False, True)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda: nddrify.CrossStitch(init=(0.9,)),
+            r"init=\(0.9,\) is not supported by cross-stitch",
+        ),
+        (lambda: nddrify.CrossStitch(init="xavier"), "init='xavier' is not supported by cross"),
+        (lambda: nddrify.CrossStitch(init=(0.9, float("nan"))), "NaN or inf"),
+        (lambda: nddrify.Sluice(init="xavier"), "init='xavier' is not supported by sluice"),
+        (lambda: nddrify.Sluice(init=[1, 2, 3]), r"init=\[1, 2, 3\] is not supported by sluice"),
+        (lambda: nddrify.Sluice(subspaces=0), "subspaces=0 is not valid"),
+        (lambda: nddrify.NDDR(init=(0.9,)), r"init=\(0.9,\) is not supported by NDDR"),
+        (lambda: nddrify.NDDR(rank=4, groups=2), "choose rank= or groups=, not both"),
+        (lambda: CrossStitchLayer(2, 4, init=(0.9,)), "not supported by cross-stitch"),
+        (lambda: SluiceLayer(2, 4, init="xavier"), "not supported by sluice"),
+    ],
+)
+def test_bad_options_fail_when_the_factory_is_made(make, message) -> None:
+    with pytest.raises(FusionConfigError, match=message):
+        make()
+
+
+def test_widths_are_checked_naming_the_level() -> None:
+    level = _level([(1, 256, 8, 8), (1, 64, 8, 8)], index=1)
+    for call in (nddrify.CrossStitch().build, nddrify.CrossStitch().num_parameters):
+        with pytest.raises(FusionConfigError, match=r"fusion level 2 .*same width.*\[256, 64\]"):
+            call(level)
+    odd = _level([(1, 6, 8, 8)] * 2, index=0)
+    for call in (nddrify.Sluice(subspaces=4).build, nddrify.Sluice(subspaces=4).num_parameters):
+        with pytest.raises(FusionConfigError, match=r"fusion level 1 .*subspaces=4"):
+            call(odd)
 
 
 KINDS = {
@@ -179,13 +238,11 @@ def test_sluice_layer_stitch_in_a_fused_model() -> None:
     )
     assert isinstance(fused.shortcut, LayerStitchLayer) and fused.shortcut.levels == (0, 1)
     assert max_identity_diff(models, fused, x, train=False) <= ATOL
-    assert nddrify.training.fused_plan(fused).shortcut_weights == 4
+    assert nddrify.meta.fused_plan(fused).shortcut_weights == 4
 
 
 def test_cross_stitch_needs_equal_widths() -> None:
-    with pytest.raises(
-        nddrify.FusionConfigError, match=r"fusion level 2 .*same width.*\[256, 64\]"
-    ):
+    with pytest.raises(FusionConfigError, match=r"fusion level 2 .*same width.*\[256, 64\]"):
         nddrify.fuse([tv.resnet50(), tv.resnet18()], fusion="cross_stitch")
 
 
@@ -205,11 +262,11 @@ def test_param_groups_use_each_kinds_multiplier() -> None:
 def test_share_runs_one_trunk_then_task_layers() -> None:
     seg, depth = tv.resnet18(num_classes=4), tv.resnet18(num_classes=1)
     shared = nddrify.share({"seg": seg, "depth": depth})
-    plan = nddrify.training.fused_plan(shared)
+    plan = nddrify.meta.fused_plan(shared)
     assert plan.points("seg") == ["layer4.1.relu_1"]  # the last automatic point
     assert (
-        "shared_layer4_1_relu_1 = " in shared.code
-        and "depth_avgpool = self.depth.avgpool(shared_layer4_1_relu_1)" in shared.code
+        "shared_layer4 = self.shared.layer4(shared_layer3)" in shared.code
+        and "depth_avgpool = self.depth.avgpool(shared_layer4)" in shared.code
     )
     x = torch.randn(2, 3, 64, 64)
     seg.eval(), depth.eval(), shared.eval()
@@ -220,7 +277,7 @@ def test_share_runs_one_trunk_then_task_layers() -> None:
     # Only the trunk and each task's own layers are parameters.
     trunk = sum(p.numel() for n, p in seg.named_parameters() if not n.startswith("fc"))
     assert sum(p.numel() for p in shared.parameters()) == trunk + 512 * 4 + 4 + 512 * 1 + 1
-    weights = nddrify.task_state_dict(shared, "depth")
+    weights = nddrify.training.task_state_dict(shared, "depth")
     assert torch.equal(weights["layer1.0.conv1.weight"], seg.state_dict()["layer1.0.conv1.weight"])
     assert torch.equal(weights["fc.weight"], depth.fc.weight)
     shared.train()
@@ -241,9 +298,9 @@ def test_share_split_by_name_and_averaged_trunk() -> None:
 
 
 def test_share_needs_the_same_trunk() -> None:
-    with pytest.raises(nddrify.ModelsError, match="same architecture up to the split point"):
+    with pytest.raises(ShareError, match="same architecture up to the split point"):
         nddrify.share([tv.resnet18(), tv.resnet34()])
-    with pytest.raises(nddrify.ModelsError, match="trunk='median'"):
+    with pytest.raises(ShareError, match="trunk='median'"):
         nddrify.share([tv.resnet18(), tv.resnet18()], trunk="median")
 
 
@@ -269,10 +326,12 @@ def test_readme_custom_fusion_example() -> None:
             return tuple(mean for _ in maps)
 
     class Averaging:
-        def __call__(self, shapes, nonnegative=None, channels_last=None):
+        name = "Averaging"
+
+        def build(self, level):
             return MeanLayer()
 
-        def num_parameters(self, shapes):
+        def num_parameters(self, level):
             return (0, 0)
 
     a, b = TinyCNN(), TinyCNN()
@@ -283,4 +342,4 @@ def test_readme_custom_fusion_example() -> None:
         mean = (a.stage2(a.stage1(a.stem(x))) + b.stage2(b.stage1(b.stem(x)))) / 2
         expected = a.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(mean, 1), 1))
         assert torch.allclose(fused(x)[0], expected, atol=1e-6)
-    assert nddrify.overhead(fused).fusion_weights == 0
+    assert nddrify.training.overhead(fused).fusion_weights == 0

@@ -27,6 +27,7 @@ from nddrify.batching import (
     TaskBatchedShortcut,
     batch_tasks,
     batching_report,
+    register_batched_form,
 )
 
 from .models import FunctionalDropout, TinyCNN, UNet
@@ -224,6 +225,43 @@ def test_report_exact_text() -> None:
     assert repr(batch_tasks(fused).report) == expected
     stages = batching_report(fused).stages
     assert [s.identical for s in stages] == [True, False]
+
+
+def test_registered_module_type_runs_batched() -> None:
+    class TaggedConv2d(nn.Conv2d):
+        """A user's own layer type: Conv2d's forward under another name (local to this test, so
+        registering it leaves the other tests alone)."""
+
+    def model(classes: int) -> nn.Sequential:
+        return nn.Sequential(
+            TaggedConv2d(3, 8, 3, 2, 1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            TaggedConv2d(8, 16, 3, 2, 1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(16, classes),
+        )
+
+    models = {"seg": model(40), "normal": model(3)}
+    options = nddrify.TraceOptions(leaf_modules=[TaggedConv2d])
+    fused = nddrify.fuse(models, points=["2"], trace_options=options).eval()
+    assert str(batching_report(fused).stages[0].per_task[0]) == (
+        "0 (no batched form for TaggedConv2d)"
+    )
+    register_batched_form(TaggedConv2d, TaskBatchedConv2d, kind="conv")
+    batched = batch_tasks(fused)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert max_difference(fused(x), batched(x)) <= TOLERANCE
+    assert isinstance(batched.get_submodule("batched.0"), TaskBatchedConv2d)
+    assert isinstance(batched.get_submodule("batched.3"), TaskBatchedConv2d)
+    report = batched.report
+    assert (report.batched_operations, report.operations) == (7, 8)
+    assert [str(op) for stage in report.stages for op in stage.per_task] == [
+        "7 (Linear: out_features 40 in seg vs 3 in normal)"
+    ]
 
 
 def test_tasks_with_nothing_in_common_still_run() -> None:

@@ -65,7 +65,7 @@ def test_models_without_specs_are_passed_at_load(tmp_path) -> None:
     path = tmp_path / "fused.pt"
     nddrify.save(fused, path)
     with pytest.raises(
-        nddrify.CheckpointError, match=r"no model specs for task\(s\) \['task0', 'task1'\]"
+        nddrify.errors.CheckpointError, match=r"no model specs for task\(s\) \['task0', 'task1'\]"
     ):
         nddrify.load(path)
     loaded = nddrify.load(path, models=[TinyCNN(), TinyCNN(classes=3)]).eval()
@@ -79,14 +79,14 @@ def test_models_without_specs_are_passed_at_load(tmp_path) -> None:
 def test_bad_checkpoints_and_unsavable_models(tmp_path) -> None:
     path = tmp_path / "weights.pt"
     torch.save({"a": torch.zeros(1)}, path)
-    with pytest.raises(nddrify.CheckpointError, match="not an nddrify checkpoint"):
+    with pytest.raises(nddrify.errors.CheckpointError, match="not an nddrify checkpoint"):
         nddrify.load(path)
     with pytest.raises(
-        nddrify.CheckpointError, match=r"expected a model returned by nddrify\.fuse"
+        nddrify.errors.CheckpointError, match=r"expected a model returned by nddrify\.fuse"
     ):
         nddrify.save(TinyCNN(), path)
     custom = nddrify.fuse([TinyCNN(), TinyCNN()], norm=lambda c: nn.GroupNorm(1, c))
-    with pytest.raises(nddrify.CheckpointError, match="callable option"):
+    with pytest.raises(nddrify.errors.CheckpointError, match="callable option"):
         nddrify.save(custom, path)
 
 

@@ -66,126 +66,139 @@ class BadInput:
 
 CATALOGUE = [
     BadInput(
-        "one model", lambda: nddrify.fuse([TinyCNN()]), nddrify.ModelsError, "at least two tasks"
+        "one model",
+        lambda: nddrify.fuse([TinyCNN()]),
+        nddrify.errors.ModelsError,
+        "at least two tasks",
     ),
     BadInput(
         "a bare module",
         lambda: nddrify.fuse(TinyCNN()),
-        nddrify.ModelsError,
+        nddrify.errors.ModelsError,
         "got a single TinyCNN",
     ),
     BadInput(
         "not a model",
         lambda: nddrify.fuse([TinyCNN(), 3]),
-        nddrify.ModelsError,
+        nddrify.errors.ModelsError,
         "task 'task1' is a int",
     ),
     BadInput(
-        "models of another type", lambda: nddrify.fuse(42), nddrify.ModelsError, "list or dict"
+        "models of another type",
+        lambda: nddrify.fuse(42),
+        nddrify.errors.ModelsError,
+        "list or dict",
     ),
     BadInput(
         "task name that is not an identifier",
         lambda: nddrify.fuse({"my task": TinyCNN(), "b": TinyCNN()}),
-        nddrify.ModelsError,
+        nddrify.errors.ModelsError,
         "task name 'my task' cannot be used",
     ),
     BadInput(
         "reserved task name",
         lambda: nddrify.fuse({"nddr1": TinyCNN(), "b": TinyCNN()}),
-        nddrify.ModelsError,
+        nddrify.errors.ModelsError,
         "does not start with 'nddr'",
     ),
     BadInput(
         "models in different dtypes",
         lambda: nddrify.fuse([TinyCNN(), TinyCNN().double()]),
-        nddrify.ModelsError,
+        nddrify.errors.ModelsError,
         "different devices or dtypes.*task1: cpu/float64.*model.to",
     ),
     BadInput(
         "models on different devices",
         lambda: nddrify.fuse([TinyCNN(), TinyCNN().to("meta")]),
-        nddrify.ModelsError,
+        nddrify.errors.ModelsError,
         "different devices or dtypes.*task1: meta/float32",
     ),
     BadInput(
         "untraceable model",
         lambda: nddrify.fuse([DataDependent(), DataDependent()]),
-        nddrify.TraceError,
+        nddrify.errors.TraceError,
         "(?s)task 'task0'.*module 'gate'.*leaf_modules",
     ),
     BadInput(
         "forward needs a second input",
         lambda: nddrify.fuse([TwoInputs(), TwoInputs()]),
-        nddrify.ModelsError,
-        r"needs the argument\(s\) \['depth'\].*concrete_args",
+        nddrify.errors.InputError,
+        r"needs the argument\(s\) \['depth'\].*TraceOptions\(concrete_args=",
     ),
     BadInput(
         "concrete_args for an argument forward does not take",
-        lambda: nddrify.fuse([OptionalArgs(), OptionalArgs()], concrete_args={"maks": None}),
-        nddrify.ModelsError,
+        lambda: nddrify.fuse(
+            [OptionalArgs(), OptionalArgs()],
+            trace_options=nddrify.TraceOptions(concrete_args={"maks": None}),
+        ),
+        nddrify.errors.InputError,
         r"concrete_args names \['maks'\]",
     ),
     BadInput(
         "example input of the wrong rank",
         lambda: nddrify.fuse([TinyCNN(), TinyCNN()], example_input=torch.randn(3, 32, 32)),
-        nddrify.ModelsError,
+        nddrify.errors.InputError,
         "4-D N×C×H×W batch",
     ),
     BadInput(
         "example input the model cannot run",
         lambda: nddrify.fuse([TinyCNN(), TinyCNN()], example_input=torch.randn(1, 4, 32, 32)),
-        nddrify.TraceError,
+        nddrify.errors.TraceError,
         "failed on an example input of shape",
     ),
     BadInput(
         "example input that is not a tensor",
         lambda: nddrify.fuse([TinyCNN(), TinyCNN()], example_input=[1, 3, 32, 32]),
-        nddrify.ModelsError,
+        nddrify.errors.InputError,
         "example_input must be a tensor",
     ),
     BadInput(
         "unknown point name",
         _resnets(points=["layr2"]),
-        nddrify.PointError,
+        nddrify.errors.PointError,
         "did you mean.*'layer2'",
     ),
     BadInput(
         "points in different order across tasks",
         _resnets(points=[["layer1", "layer2"], ["layer2", "layer1"]]),
-        nddrify.PointError,
+        nddrify.errors.PointError,
         "task 'task1': point 'layer1' runs before 'layer2'",
     ),
     BadInput(
         "duplicate points",
         _resnets(points=["layer1", "layer1.1.relu_1"]),
-        nddrify.PointError,
+        nddrify.errors.PointError,
         "same node",
     ),
-    BadInput("empty points", _resnets(points=[]), nddrify.PointError, "points is empty"),
+    BadInput("empty points", _resnets(points=[]), nddrify.errors.PointError, "points is empty"),
     BadInput(
         "different numbers of points per task",
         _resnets(points=[["layer1"], ["layer1", "layer2"]]),
-        nddrify.PointError,
+        nddrify.errors.PointError,
         "same number of fusion points",
     ),
     BadInput(
         "per-task lists for the wrong number of tasks",
         _resnets(points=[["layer1"]]),
-        nddrify.PointError,
+        nddrify.errors.PointError,
         "1 per-task lists but there are 2 tasks",
     ),
     BadInput(
         "points dict missing a task",
         _resnets(points={"task0": ["layer1"]}),
-        nddrify.PointError,
+        nddrify.errors.PointError,
         "no entry for task",
     ),
-    BadInput("points of a wrong type", _resnets(points=True), nddrify.PointError, "not valid"),
-    BadInput("too many last-N points", _resnets(points=6), nddrify.PointError, "between 1 and 5"),
+    BadInput(
+        "points of a wrong type", _resnets(points=True), nddrify.errors.PointError, "not valid"
+    ),
+    BadInput(
+        "too many last-N points", _resnets(points=6), nddrify.errors.PointError, "between 1 and 5"
+    ),
     BadInput(
         "a point that is not a feature map",
         _resnets(points=["fc"]),
-        nddrify.PointError,
+        nddrify.errors.PointError,
         "shape \\(1, 1000\\); fusion points must be image feature maps",
     ),
     BadInput(
@@ -193,105 +206,109 @@ CATALOGUE = [
         lambda: nddrify.plan(
             [ShapeReturning(), ShapeReturning()], points=["size"], example_input=X32
         ),
-        nddrify.PointError,
+        nddrify.errors.PointError,
         "which is not a tensor",
     ),
     BadInput(
         "a point after the output (a dead branch)",
         lambda: nddrify.plan([DeadBranch(), DeadBranch()], points=["unused"], example_input=X32),
-        nddrify.PointError,
+        nddrify.errors.PointError,
         "does not feed the model's output",
     ),
     BadInput(
         "no feature map to fuse automatically",
         lambda: nddrify.plan([ImageMLP(), ImageMLP()], example_input=X32),
-        nddrify.PointError,
+        nddrify.errors.PointError,
         "found no N×C×H×W feature maps",
     ),
     BadInput(
         "mismatched H×W at a level",
         _resnets(points=[["layer1"], ["layer2"]]),
-        nddrify.ShapeMismatchError,
+        nddrify.errors.ShapeMismatchError,
         "fusion level 1.*task0 'layer1' 64×56×56, task1 'layer2' 128×28×28.*resize=True",
     ),
-    BadInput("NaN init", _pair(init=(float("nan"), 0.1)), nddrify.FusionConfigError, "NaN or inf"),
+    BadInput(
+        "NaN init", _pair(init=(float("nan"), 0.1)), nddrify.errors.FusionConfigError, "NaN or inf"
+    ),
     BadInput(
         "init of a wrong form",
         _pair(init=(0.9,)),
-        nddrify.FusionConfigError,
+        nddrify.errors.FusionConfigError,
         "init=.*not supported",
     ),
     BadInput(
         "unknown norm",
         _pair(norm="layernorm"),
-        nddrify.FusionConfigError,
+        nddrify.errors.FusionConfigError,
         "norm='layernorm' is not supported",
     ),
     BadInput(
         "unknown activation",
         _pair(activation="swish"),
-        nddrify.FusionConfigError,
+        nddrify.errors.FusionConfigError,
         "activation='swish'",
     ),
     BadInput(
         "bad shortcut value",
         _pair(shortcut="yes"),
-        nddrify.FusionConfigError,
+        nddrify.errors.FusionConfigError,
         "shortcut='yes' is not valid",
     ),
     BadInput(
         "fusion factory together with NDDR options",
         _pair(fusion=nddrify.NDDR(), norm=None),
-        nddrify.FusionConfigError,
+        nddrify.errors.FusionConfigError,
         "either fusion",
     ),
     BadInput(
         "unknown shortcut resize mode",
         _pair(shortcut=nddrify.Shortcut(resize_mode="nearest")),
-        nddrify.FusionConfigError,
+        nddrify.errors.FusionConfigError,
         "resize_mode='nearest' is unknown",
     ),
     BadInput(
         "unknown resize mode",
         lambda: resize_bilinear(X32, (8, 8), "cubic"),
-        nddrify.FusionConfigError,
+        nddrify.errors.FusionConfigError,
         "resize mode",
     ),
     BadInput(
         "an NDDR layer for one task",
         lambda: NDDRLayer([4]),
-        nddrify.FusionConfigError,
+        nddrify.errors.FusionConfigError,
         "at least two tasks",
     ),
     BadInput(
         "bad model spec",
         lambda: nddrify.fuse(["vgg16:", "vgg16:"]),
-        nddrify.SpecError,
+        nddrify.errors.SpecError,
         "must look like",
     ),
     BadInput(
         "unknown torchvision model",
-        lambda: nddrify.load_spec("torchvision:resnet19"),
-        nddrify.SpecError,
+        lambda: nddrify.specs.load_spec("torchvision:resnet19"),
+        nddrify.errors.SpecError,
         "no model 'resnet19'; did you mean",
     ),
-    BadInput("missing timm", _missing_timm, nddrify.SpecError, "needs timm.*pip install timm"),
+    BadInput(
+        "missing timm", _missing_timm, nddrify.errors.SpecError, "needs timm.*pip install timm"
+    ),
     BadInput(
         "pretrained weights in a spec",
-        lambda: nddrify.load_spec("timm:resnet18(pretrained=True)"),
-        nddrify.SpecError,
+        lambda: nddrify.specs.load_spec("timm:resnet18(pretrained=True)"),
+        nddrify.errors.SpecError,
         "never downloads",
     ),
     BadInput(
         "task_state_dict of an unknown task",
-        lambda: nddrify.task_state_dict(_fused_vgg11(), "seg"),
-        nddrify.ModelsError,
+        lambda: nddrify.training.task_state_dict(_fused_vgg11(), "seg"),
+        nddrify.errors.FusedModelError,
         "no task 'seg'.*'task0', 'task1'",
     ),
     BadInput(
         "overhead of a model that was not fused",
-        lambda: nddrify.overhead(TinyCNN()),
-        nddrify.ModelsError,
+        lambda: nddrify.training.overhead(TinyCNN()),
+        nddrify.errors.FusedModelError,
         "expected a model returned by nddrify.fuse",
     ),
 ]
@@ -311,7 +328,7 @@ def test_bad_input_gets_a_named_error(entry: BadInput) -> None:
 
 
 def test_all_errors_share_one_base_class() -> None:
-    errors = [n for n in nddrify.__all__ if n.endswith("Error") and n != "NddrifyError"]
-    assert len(errors) == 8
+    errors = [n for n in nddrify.errors.__all__ if n != "NddrifyError"]
+    assert len(errors) == 12  # every class lives in nddrify.errors, one per kind of mistake
     for name in errors:
-        assert issubclass(getattr(nddrify, name), nddrify.NddrifyError)
+        assert issubclass(getattr(nddrify.errors, name), nddrify.NddrifyError)

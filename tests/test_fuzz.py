@@ -701,7 +701,7 @@ def has_spatial_feature_map(model: nn.Module, x: torch.Tensor) -> bool:
 
 
 def execution_order(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
-    traced = nddrify.trace_model(model, example_input=x)
+    traced = nddrify.tracing.trace_model(model, example_input=x)
     return {n.meta["qualname"]: i for i, n in enumerate(traced.graph.nodes)}
 
 
@@ -773,7 +773,7 @@ def check_gradients(
     missing = [name for name, p in default.named_parameters() if p.grad is None]
     assert missing == [], f"parameters without a gradient: {missing}"
     grads = _fusion_grads(default)
-    assert len(grads) == sum(len(lv.points) for lv in nddrify.training.fused_plan(default).levels)
+    assert len(grads) == sum(len(lv.points) for lv in nddrify.meta.fused_plan(default).levels)
     zero = [k for k, v in grads.items() if k in live and not v > 0]
     assert zero == [], f"fusion weights with a zero gradient: {zero}"
     if len(live) < len(grads):
@@ -794,8 +794,8 @@ def check_fused(
     x1 = x[:1]
     fused = nddrify.fuse(models_arg, points=points, example_input=x1, **IDENTITY)
     default = nddrify.fuse(models_arg, points=points, example_input=x1)
-    fused_plan = nddrify.training.fused_plan(fused)
-    default_plan = nddrify.training.fused_plan(default)
+    fused_plan = nddrify.meta.fused_plan(fused)
+    default_plan = nddrify.meta.fused_plan(default)
     assert [lv.points for lv in fused_plan.levels] == [lv.points for lv in default_plan.levels]
     assert fused_plan.tasks == tuple(names)
     for level in fused_plan.levels:
@@ -852,7 +852,7 @@ def check_same_spec(case: SameSpecCase, data: st.DataObject) -> None:
     x1 = x[:1]
     try:
         plan = nddrify.plan(models_arg, points="auto", example_input=x1)
-    except nddrify.PointError as err:
+    except nddrify.errors.PointError as err:
         assert not has_spatial_feature_map(models[0], x1), f"auto planner failed: {err}"
         return
     again = nddrify.plan(models_arg, points="auto", example_input=x1)
@@ -891,10 +891,10 @@ def check_same_spec(case: SameSpecCase, data: st.DataObject) -> None:
 def _expect(auto: list[list], chosen: list[list]):
     """The error (or None) fuse must raise for the per-task lists of points ``chosen``."""
     if len({len(c) for c in chosen}) > 1:
-        return nddrify.PointError
+        return nddrify.errors.PointError
     for level in zip(*chosen):
         if len({c.shape[2:] for c in level}) > 1:
-            return nddrify.ShapeMismatchError
+            return nddrify.errors.ShapeMismatchError
     return None
 
 
@@ -939,7 +939,7 @@ def check_mixed(case: MixedCase, data: st.DataObject) -> None:
         shortest = min(len(a) for a in auto)
         n = data.draw(st.integers(1, shortest + 1), label="points=N")
         points, chosen = n, [a[-n:] for a in auto]
-        error = nddrify.PointError if n > shortest else _expect(auto, chosen)
+        error = nddrify.errors.PointError if n > shortest else _expect(auto, chosen)
     event(f"expected error: {error.__name__ if error else None}")
     if error is not None:
         models_arg = dict(zip(names, models)) if case.as_dict else models
@@ -985,7 +985,7 @@ def test_auto_points_fail_only_without_spatial_feature_maps() -> None:
     pooled = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(3, 4, 1), nn.Flatten())
     x = torch.randn(1, 3, 16, 16)
     assert not has_spatial_feature_map(pooled, x)
-    with pytest.raises(nddrify.PointError, match="no N×C×H×W feature maps"):
+    with pytest.raises(nddrify.errors.PointError, match="no N×C×H×W feature maps"):
         nddrify.plan([pooled, copy.deepcopy(pooled)], example_input=x)
     spec = NetSpec(
         16,

@@ -131,18 +131,18 @@ def test_points_per_task_for_different_architectures() -> None:
 
 
 def stage_ends_node(model: torch.nn.Module, module: str) -> str:
-    return nddrify.trace_model(model).node(module).meta["qualname"]
+    return nddrify.tracing.trace_model(model).node(module).meta["qualname"]
 
 
 def test_int_points_take_the_last_n_auto_points() -> None:
     plan = nddrify.plan([tv.resnet18(), tv.resnet34()], points=2)
     assert [lv.points[1].name for lv in plan.levels] == ["layer3", "layer4"]
-    with pytest.raises(nddrify.PointError, match="between 1 and 5"):
+    with pytest.raises(nddrify.errors.PointError, match="between 1 and 5"):
         nddrify.plan([tv.resnet18(), tv.resnet18()], points=6)
 
 
 def test_unknown_point_lists_close_names() -> None:
-    with pytest.raises(nddrify.PointError) as err:
+    with pytest.raises(nddrify.errors.PointError) as err:
         nddrify.plan([tv.resnet18(), tv.resnet18()], points=["layer1", "layr2"])
     message = str(err.value)
     assert "task 'task0'" in message and "'layr2'" in message
@@ -155,7 +155,7 @@ def test_mismatched_resolution_names_level_tasks_and_shapes() -> None:
         "fusion level 1: the tasks' feature maps differ in H×W (seg 'layer1' 64×56×56, "
         "depth 'layer2' 128×28×28)"
     )
-    with pytest.raises(nddrify.ShapeMismatchError, match=message):
+    with pytest.raises(nddrify.errors.ShapeMismatchError, match=message):
         nddrify.plan(models, points=[["layer1"], ["layer2"]])
     fused = nddrify.fuse(models, points=[["layer1"], ["layer2"]], resize=True)
     out = fused(torch.randn(2, 3, 64, 64))
@@ -219,7 +219,7 @@ def test_candidates_mark_auto_points_and_cover_the_spine() -> None:
 
 
 def test_stage_module_names_read_like_modules() -> None:
-    traced = nddrify.trace_model(tv.resnet18())
+    traced = nddrify.tracing.trace_model(tv.resnet18())
     points = stage_ends(traced.graph)
     assert [stage_module(n, points, traced.graph) for n in points] == RESNET_POINTS
 
@@ -235,5 +235,5 @@ def test_declared_points_follow_timm_feature_info() -> None:
         "layer4",
     ]
     assert nddrify.plan(models).levels[0].points[0].name == "maxpool"  # the graph's choice
-    with pytest.raises(nddrify.PointError, match="declares no feature_info"):
+    with pytest.raises(nddrify.errors.PointError, match="declares no feature_info"):
         nddrify.plan([tv.resnet18(), tv.resnet18()], points="declared")

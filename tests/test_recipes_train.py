@@ -259,7 +259,7 @@ def test_paper_networks_build_with_exact_parameter_counts(name: str, parameters:
 def test_alexnet_fuses_at_pool1_pool2_conv3_conv4_pool5() -> None:
     cfg = apply_overrides(get_config("nyuv2_alexnet_nddr"), ["init_from={}", "pretrained="])
     net = build_network(cfg).module
-    plan = nddrify.training.fused_plan(net)
+    plan = nddrify.meta.fused_plan(net)
     assert [level.points[0].name for level in plan.levels] == [
         "features.2",
         "features.5",

@@ -13,7 +13,7 @@ from .models import DataDependent, TinyCNN
 
 
 def test_node_names_follow_torchvision_and_modules_resolve_to_their_last_node() -> None:
-    traced = nddrify.trace_model(torchvision.models.resnet18())
+    traced = nddrify.tracing.trace_model(torchvision.models.resnet18())
     names = traced.node_names
     assert names[:4] == ["conv1", "bn1", "relu", "maxpool"]
     assert "layer1.0.relu_1" in names and "layer4.1.add" in names
@@ -25,12 +25,12 @@ def test_node_names_follow_torchvision_and_modules_resolve_to_their_last_node() 
 
 def test_default_input_uses_the_models_declared_size() -> None:
     model = timm.create_model("swinv2_tiny_window8_256")
-    assert tuple(nddrify.default_example_input(model).shape) == (1, 3, 256, 256)
-    assert tuple(nddrify.default_example_input(TinyCNN()).shape) == (1, 3, 224, 224)
+    assert tuple(nddrify.tracing.default_example_input(model).shape) == (1, 3, 256, 256)
+    assert tuple(nddrify.tracing.default_example_input(TinyCNN()).shape) == (1, 3, 224, 224)
 
 
 def test_timm_models_trace_with_the_notrace_registry() -> None:
-    traced = nddrify.trace_model(timm.create_model("convnext_atto"))
+    traced = nddrify.tracing.trace_model(timm.create_model("convnext_atto"))
     assert traced.node("stages.3").meta["tensor_meta"].shape[1] == 320
 
 
@@ -38,7 +38,7 @@ def test_tracing_leaves_the_model_untouched_mixed_modes_included() -> None:
     model = TinyCNN().train()
     model.stem[1].eval()  # a frozen BatchNorm inside a training model
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    nddrify.trace_model(model)
+    nddrify.tracing.trace_model(model)
     assert model.training is True and model.stem[1].training is False and model.fc.training
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     fused = nddrify.fuse([model, TinyCNN()], example_input=torch.randn(1, 3, 32, 32))
@@ -48,7 +48,7 @@ def test_tracing_leaves_the_model_untouched_mixed_modes_included() -> None:
 
 
 def test_untraceable_model_names_task_module_and_fixes() -> None:
-    with pytest.raises(nddrify.TraceError) as err:
+    with pytest.raises(nddrify.errors.TraceError) as err:
         nddrify.fuse({"seg": DataDependent(), "depth": DataDependent()})
     message = str(err.value)
     assert "task 'seg'" in message
@@ -57,5 +57,6 @@ def test_untraceable_model_names_task_module_and_fixes() -> None:
     assert "concrete_args" in message
     assert isinstance(err.value.__cause__, Exception)  # the fx error is attached
     # The suggested fix works.
-    fused = nddrify.fuse([DataDependent(), DataDependent()], leaf_modules=[DataDependent.Gate])
+    options = nddrify.TraceOptions(leaf_modules=[DataDependent.Gate])
+    fused = nddrify.fuse([DataDependent(), DataDependent()], trace_options=options)
     assert "self.task0.gate" in fused.code

@@ -16,6 +16,8 @@ the K nodes have the same module type, hyper-parameters, parameter shapes and in
 and a batched form exists; otherwise it runs per task on views of the stacked tensor. So two
 models that differ only in their last layer (40 segmentation classes vs 3 normal channels) run
 everything batched except that layer. :func:`batching_report` says what runs how, and why.
+Which layer types have a batched form is a registry: :func:`register_batched_form` adds a
+project's own types (e.g. a subclass of ``nn.Conv2d`` that keeps Conv2d's forward).
 
 The batched model is a snapshot: it copies the fused model's weights when it is built. It trains
 like any module (gradients, batch-norm running statistics, dropout with independent masks per
@@ -51,13 +53,9 @@ Example:
 
 from __future__ import annotations
 
-from .builder import (
-    BATCHED_META_KEY,
-    BatchedFusedModel,
-    BatchingError,
-    batch_tasks,
-    batching_report,
-)
+from ..errors import BatchingError
+from .fusion_modules import TaskBatchedCrossStitch, TaskBatchedNDDR, TaskBatchedShortcut
+from .model import BATCHED_META_KEY, BatchedFusedModel, batch_tasks, batching_report
 from .modules import (
     CONV_MODES,
     TaskBatchedBatchNorm1d,
@@ -70,17 +68,16 @@ from .modules import (
     TaskBatchedConvTranspose1d,
     TaskBatchedConvTranspose2d,
     TaskBatchedConvTranspose3d,
-    TaskBatchedCrossStitch,
     TaskBatchedLinear,
-    TaskBatchedNDDR,
-    TaskBatchedShortcut,
     cat_task_channels,
 )
+from .registry import register_batched_form
 from .report import BatchingReport, FusionReport, PerTaskOperation, StageReport
 
 __all__ = [
     "batch_tasks",
     "batching_report",
+    "register_batched_form",
     "BatchedFusedModel",
     "BatchingReport",
     "StageReport",

@@ -1,15 +1,18 @@
 """Which operations have a batched form, and why the K tasks' modules cannot share one.
 
-Internal to :mod:`nddrify.batching` (nothing public, ``__all__`` is empty): the builder asks
-``_module_kind`` how a module runs on task-stacked maps, ``_module_difference`` why two tasks'
-modules differ, and ``_fusion_difference`` why a fusion layer runs per task.
+The per-operation and per-module questions :mod:`~nddrify.batching.rules` asks when it decides
+how K aligned task nodes run: ``operation_kind`` (how a node runs on task-stacked maps, if at
+all), ``module_kind`` (the same for a module), ``module_difference`` (why two tasks' modules
+differ), ``fusion_difference`` (why a fusion layer runs per task), and the node predicates and
+shape helpers they share. Layer types with a batched form come from the registry
+(:mod:`~nddrify.batching.registry`).
 
 Example:
     >>> from torch import nn
-    >>> from nddrify.batching.analysis import _module_difference, _module_kind
-    >>> _module_difference(nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 5), "seg", "normal")
+    >>> from nddrify.batching.analysis import module_difference, module_kind
+    >>> module_difference(nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 5), "seg", "normal")
     'kernel_size (3, 3) in seg vs (5, 5) in normal'
-    >>> [_module_kind(module, 4) for module in (nn.Conv2d(3, 8, 3), nn.ReLU(), nn.LSTM(3, 8))]
+    >>> [module_kind(module, 4) for module in (nn.Conv2d(3, 8, 3), nn.ReLU(), nn.LSTM(3, 8))]
     ['module', 'asis', None]
 """
 
@@ -28,11 +31,23 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from torch.utils import _pytree as pytree
 from torchvision.ops import SqueezeExcitation, StochasticDepth
 
-from ..baselines import CrossStitchLayer
 from ..layers import NDDRLayer, NDDRShortcutLayer
-from .modules import _CONVS, _FUSIONS, _NORMS, _has_state, _is_timm_norm_act
+from .modules import has_state, is_timm_norm_act
+from .registry import batched_form
 
-__all__: list[str] = []
+__all__ = [
+    "tensor_meta",
+    "meta_signature",
+    "is_size_query",
+    "is_random",
+    "is_plain_function",
+    "module_kind",
+    "operation_kind",
+    "same_value",
+    "shape_text",
+    "module_difference",
+    "fusion_difference",
+]
 
 
 def _words(text: str) -> set[str]:
@@ -97,32 +112,42 @@ _PLAIN_FUNCTIONS = {
 }
 
 
-def _tensor_meta(node: Any) -> TensorMetadata | None:
+def tensor_meta(node: Any) -> TensorMetadata | None:
     meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
     return meta if isinstance(meta, TensorMetadata) else None
 
 
-def _meta_signature(value: Any) -> Any:
+def meta_signature(value: Any) -> Any:
     if isinstance(value, TensorMetadata):
         return (tuple(value.shape), value.dtype)
     if isinstance(value, (tuple, list)):
-        return tuple(_meta_signature(v) for v in value)
+        return tuple(meta_signature(v) for v in value)
     if isinstance(value, dict):
-        return tuple((k, _meta_signature(v)) for k, v in value.items())
+        return tuple((k, meta_signature(v)) for k, v in value.items())
     return None
 
 
-def _is_inplace(node: fx.Node, module: nn.Module | None) -> bool:
-    if node.op == "call_module":
-        return bool(getattr(module, "inplace", False))
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        return bool(node.kwargs.get("inplace", False)) or (
-            name.endswith("_") and not name.startswith("_")
-        )
-    return (
-        node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_")
+def is_size_query(node: fx.Node) -> bool:
+    """Whether ``node`` reads a tensor's size, rank, dtype or device (the same for all tasks)."""
+    return (node.op == "call_method" and node.target in _SIZE_METHODS) or (
+        node.op == "call_function"
+        and node.target is builtins.getattr
+        and node.args[1] in _SIZE_ATTRIBUTES
     )
+
+
+def is_random(node: fx.Node, module: nn.Module | None) -> bool:
+    """Whether ``node`` draws random numbers (dropout in training), so cannot run once for all
+    tasks on a shared input."""
+    return (isinstance(module, _RANDOM) and module.training) or (
+        node.op == "call_function" and node.target in _RANDOM_FUNCTIONS
+    )
+
+
+def is_plain_function(node: fx.Node) -> bool:
+    """Whether ``node`` is a function of plain Python values (sizes, indices) that is safe to
+    compute once for all tasks."""
+    return node.op == "call_function" and node.target in _PLAIN_FUNCTIONS
 
 
 def _normal_dims(dims: Any, ndim: int) -> list[int] | None:
@@ -154,20 +179,21 @@ def _is_container(module: nn.Module) -> bool:
     )
 
 
-def _module_kind(module: nn.Module, ndim: int) -> str | None:
+def module_kind(module: nn.Module, ndim: int) -> str | None:
     """How ``module`` runs batched on an input of ``ndim`` dims: "module" (a batched module with
     the K tasks' weights), "asis" (itself, on the stacked tensor), or None."""
     kind = type(module)
-    if kind in _CONVS:
+    form = batched_form(kind)
+    if form is not None and form.kind == "conv":
         return "module" if ndim == module.weight.dim() else None
-    if kind in _NORMS:
+    if form is not None and form.kind == "norm":
         return "module" if module.momentum is not None else None
-    if _is_timm_norm_act(kind):
-        children = (module._modules.get("drop"), module._modules.get("act"))
-        batchable = all(c is not None and _module_kind(c, ndim) for c in children)
-        return "module" if ndim == 4 and module.momentum is not None and batchable else None
-    if kind is nn.Linear:
+    if form is not None and form.kind == "linear":
         return "module"
+    if is_timm_norm_act(kind):
+        children = (module._modules.get("drop"), module._modules.get("act"))
+        batchable = all(c is not None and module_kind(c, ndim) for c in children)
+        return "module" if ndim == 4 and module.momentum is not None and batchable else None
     if kind in _ELEMENTWISE_MODULES or (kind in _EVAL_IDENTITY and not module.training):
         return "asis"
     if kind in _SPATIAL_MODULES or kind in _SPATIAL_ANY:
@@ -186,14 +212,67 @@ def _module_kind(module: nn.Module, ndim: int) -> str | None:
             module.fc2,
             module.scale_activation,
         ]
-        return "module" if all(_module_kind(child, 4) for child in children) else None
+        return "module" if all(module_kind(child, 4) for child in children) else None
     if isinstance(module, nn.Sequential) and _is_container(module):
         for child in module:
-            if _module_kind(child, ndim) is None:
+            if module_kind(child, ndim) is None:
                 return None
             if type(child) is nn.Flatten:
                 ndim = child.start_dim % ndim + 1
-        return "module" if _has_state(module) else "asis"
+        return "module" if has_state(module) else "asis"
+    return None
+
+
+def operation_kind(
+    node: fx.Node,
+    module: nn.Module | None,
+    tensor_args: Sequence[fx.Node],
+    out: TensorMetadata | None,
+) -> str | None:
+    """How ``node`` runs on task-stacked maps, given its tensor arguments and output metadata:
+    "module" (a batched module), "asis" (itself, on the stacked tensors), "cat" (a
+    concatenation keeping each task's channels together), or None (no batched form)."""
+    if out is None or len(out.shape) < 2:
+        return None
+    shapes = [tuple(tensor_meta(a).shape) for a in tensor_args]  # type: ignore[union-attr]
+    if any(len(s) < 2 for s in shapes):
+        return None
+    ndim = len(shapes[0]) if shapes else len(out.shape)
+    if node.op == "call_module":
+        if len(node.args) != 1 or node.kwargs or len(tensor_args) != 1:
+            return None
+        return module_kind(module, ndim)
+    target = node.target
+    if (node.op == "call_function" and target in _ELEMENTWISE_FUNCTIONS) or (
+        node.op == "call_method" and target in _ELEMENTWISE_METHODS
+    ):
+        return "asis" if tensor_args and all(_broadcasts(s, out.shape) for s in shapes) else None
+    if node.op == "call_function" and target in _SPATIAL_FUNCTIONS:
+        if node.kwargs.get("return_indices") or len(tensor_args) != 1 or ndim < 3:
+            return None
+        if target in _MAX_POOLS and len(node.args) > 6:
+            return None  # return_indices given by position
+        return "asis"
+    if (node.op == "call_function" and target is torch.flatten) or (
+        node.op == "call_method" and target == "flatten"
+    ):
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        if not isinstance(start, int) or not isinstance(end, int):
+            return None
+        return "asis" if start % ndim >= 1 and end % ndim == ndim - 1 else None
+    if node.op == "call_method" and target in _REDUCE_METHODS:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        normal = _normal_dims(dims, ndim) if dims is not None else None
+        return "asis" if normal and min(normal) >= 2 and len(tensor_args) == 1 else None
+    if node.op == "call_function" and target is torch.cat:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if not isinstance(dim, int) or not isinstance(node.args[0], (list, tuple)):
+            return None
+        if not all(isinstance(a, fx.Node) and tensor_meta(a) is not None for a in node.args[0]):
+            return None
+        dim %= ndim
+        return "asis" if dim >= 2 else "cat" if dim == 1 else None
     return None
 
 
@@ -208,7 +287,7 @@ _MACHINERY = _words(
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_value(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return (
             isinstance(a, torch.Tensor)
@@ -223,11 +302,11 @@ def _same(a: Any, b: Any) -> bool:
         return a is b
 
 
-def _shape_text(tensor: torch.Tensor | None) -> str:
+def shape_text(tensor: torch.Tensor | None) -> str:
     return "none" if tensor is None else "×".join(map(str, tensor.shape)) or "scalar"
 
 
-def _module_difference(a: nn.Module, b: nn.Module, task_a: str, task_b: str) -> str | None:
+def module_difference(a: nn.Module, b: nn.Module, task_a: str, task_b: str) -> str | None:
     """Why two modules cannot share one batched form, or None when they match (type, flags,
     hyper-parameters, parameter and buffer shapes, submodules)."""
     if type(a) is not type(b):
@@ -240,7 +319,7 @@ def _module_difference(a: nn.Module, b: nn.Module, task_a: str, task_b: str) -> 
     keys = (set(a.__dict__) | set(b.__dict__)) - _MACHINERY
     for key in sorted(keys, key=lambda name: (name.startswith("_"), name)):
         va, vb = a.__dict__.get(key), b.__dict__.get(key)
-        if not _same(va, vb):
+        if not same_value(va, vb):
             if isinstance(va, torch.Tensor):
                 return f"tensor attribute {key} differs between {task_a} and {task_b}"
             return f"{key} {va!r} in {task_a} vs {vb!r} in {task_b}"
@@ -251,7 +330,7 @@ def _module_difference(a: nn.Module, b: nn.Module, task_a: str, task_b: str) -> 
             if (x is None) != (y is None) or (
                 x is not None and (x.shape != y.shape or x.dtype != y.dtype)
             ):
-                return f"{name} shape {_shape_text(x)} in {task_a} vs {_shape_text(y)} in {task_b}"
+                return f"{name} shape {shape_text(x)} in {task_a} vs {shape_text(y)} in {task_b}"
             if x is not None and x.requires_grad != y.requires_grad:
                 return f"{name}.requires_grad differs between {task_a} and {task_b}"
     if set(a._modules) != set(b._modules):
@@ -261,7 +340,7 @@ def _module_difference(a: nn.Module, b: nn.Module, task_a: str, task_b: str) -> 
         if (child is None) != (other is None):
             return f"submodule {name} differs between {task_a} and {task_b}"
         if child is not None:
-            reason = _module_difference(child, other, task_a, task_b)
+            reason = module_difference(child, other, task_a, task_b)
             if reason:
                 return f"{name}: {reason}"
     return None
@@ -273,7 +352,7 @@ def _outputs_difference(norms: Sequence[nn.Module], activations: Sequence[nn.Mod
         return "norms other than BatchNorm2d run per task"
     for modules in (norms, activations):
         if any(
-            _module_difference(modules[0], m, "task 0", f"task {i}") for i, m in enumerate(modules)
+            module_difference(modules[0], m, "task 0", f"task {i}") for i, m in enumerate(modules)
         ):
             return "the tasks' norms or activations differ"
     if type(activations[0]) not in _ELEMENTWISE_MODULES:
@@ -281,20 +360,21 @@ def _outputs_difference(norms: Sequence[nn.Module], activations: Sequence[nn.Mod
     return None
 
 
-def _fusion_difference(layer: nn.Module, levels: Sequence[Sequence[Any]]) -> str | None:
+def fusion_difference(layer: nn.Module, levels: Sequence[Sequence[Any]]) -> str | None:
     """Why a fusion layer has no batched form for these inputs (levels × tasks of shape
     signatures), or None."""
     if any(len(set(shapes)) != 1 or None in shapes for shapes in levels):
         return "the tasks' maps differ in shape"
     kind = type(layer)
-    if kind not in _FUSIONS:
+    form = batched_form(kind)
+    if form is None or form.kind not in ("fusion", "shortcut"):
         return f"{kind.__name__} has no batched form"
-    if (len(levels) == 1) != (kind is not NDDRShortcutLayer):
+    if (len(levels) == 1) != (form.kind == "fusion"):
         return f"{kind.__name__} got unexpected inputs"
     if kind is NDDRLayer and layer.resize is not None:
         return "NDDR with resize= runs per task"
-    if any(pytree.tree_leaves(layer.channels_last)):
+    if any(pytree.tree_leaves(getattr(layer, "channels_last", ()))):
         return "fusion of channels-last maps runs per task"
-    if kind is CrossStitchLayer:
+    if kind not in (NDDRLayer, NDDRShortcutLayer):  # cross-stitch, or a registered type
         return None
     return _outputs_difference(layer.norms, layer.activations)

@@ -3,7 +3,11 @@
 In the task-stacked layout the K tasks' maps lie side by side along the channel axis
 (``N × K·C × …``; task k owns channels ``k·C … (k+1)·C − 1``). Each ``TaskBatched*`` module
 holds the K tasks' weights stacked, remembers the fused-model paths they came from
-(``sources``) and gives task k's weights back under its own keys (``task_state(k)``).
+(``sources``) and gives task k's weights back under its own keys (``task_state(k)``). The
+convolutions, batch norms and linear layer are registered as the batched forms of their
+``torch.nn`` types (:func:`~nddrify.batching.register_batched_form`); :func:`wide_module` builds
+the batched form of K tasks' identical modules. The fusion layers' batched forms are in
+:mod:`nddrify.batching.fusion_modules`.
 
 Example:
     >>> import torch
@@ -30,10 +34,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import skip_init
 
-from ..baselines import CrossStitchLayer
-from ..layers import FusionLayer, NDDRLayer, NDDRShortcutLayer, resize_bilinear
+from .registry import LAYER_KINDS, batched_form, register_batched_form
 
 __all__ = [
     "TaskBatchedConv1d",
@@ -47,10 +49,11 @@ __all__ = [
     "TaskBatchedBatchNorm3d",
     "TaskBatchedBatchNormAct2d",
     "TaskBatchedLinear",
-    "TaskBatchedNDDR",
-    "TaskBatchedCrossStitch",
-    "TaskBatchedShortcut",
+    "TaskBatched",
     "cat_task_channels",
+    "wide_module",
+    "has_state",
+    "is_timm_norm_act",
     "CONV_MODES",
 ]
 
@@ -60,7 +63,7 @@ __all__ = [
 CONV_MODES = ("auto", "grouped", "split")
 
 
-class _TaskBatched:
+class TaskBatched:
     """Mixin of the modules that hold K tasks' weights stacked: ``sources`` are the fused-model
     paths they came from (one per task); ``task_state(k)`` is task k's state under its keys."""
 
@@ -87,7 +90,7 @@ _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_TRANSPOSE_FUNCTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
-class _TaskBatchedConv(_TaskBatched):
+class _TaskBatchedConv(TaskBatched):
     """K convolutions of one configuration as one grouped convolution (``groups = K·g``) over the
     task-stacked input; ``forward(x, shared_input=True)`` takes an input all tasks share (the
     image) and, for ``g = 1``, runs one convolution with K·C_out output channels."""
@@ -207,17 +210,15 @@ TaskBatchedConvTranspose2d = _conv_class(
 TaskBatchedConvTranspose3d = _conv_class(
     nn.ConvTranspose3d, 3, _CONV_DOC.format(name="ConvTranspose3d")
 )
-_CONVS: dict[type, type] = {
-    nn.Conv1d: TaskBatchedConv1d,
-    nn.Conv2d: TaskBatchedConv2d,
-    nn.Conv3d: TaskBatchedConv3d,
-    nn.ConvTranspose1d: TaskBatchedConvTranspose1d,
-    nn.ConvTranspose2d: TaskBatchedConvTranspose2d,
-    nn.ConvTranspose3d: TaskBatchedConvTranspose3d,
-}
+register_batched_form(nn.Conv1d, TaskBatchedConv1d, kind="conv")
+register_batched_form(nn.Conv2d, TaskBatchedConv2d, kind="conv")
+register_batched_form(nn.Conv3d, TaskBatchedConv3d, kind="conv")
+register_batched_form(nn.ConvTranspose1d, TaskBatchedConvTranspose1d, kind="conv")
+register_batched_form(nn.ConvTranspose2d, TaskBatchedConvTranspose2d, kind="conv")
+register_batched_form(nn.ConvTranspose3d, TaskBatchedConvTranspose3d, kind="conv")
 
 
-class _TaskBatchedNorm(_TaskBatched):
+class _TaskBatchedNorm(TaskBatched):
     """K batch norms of one configuration as one batch norm over K·C channels."""
 
     num_tasks: int
@@ -267,7 +268,7 @@ def _init_stacked_norm(
     sources: Sequence[str],
 ) -> None:
     """``base.__init__`` with K·C features and the first task's settings, then the K norms'
-    weights stacked in (see ``_TaskBatched._setup``)."""
+    weights stacked in (see ``_TaskBatchedNorm._setup``)."""
     first = norms[0]
     base.__init__(
         module,
@@ -297,11 +298,9 @@ _NORM_DOC = "K tasks' {name} layers as one {name} over the task-stacked channels
 TaskBatchedBatchNorm1d = _norm_class(nn.BatchNorm1d, _NORM_DOC.format(name="BatchNorm1d"))
 TaskBatchedBatchNorm2d = _norm_class(nn.BatchNorm2d, _NORM_DOC.format(name="BatchNorm2d"))
 TaskBatchedBatchNorm3d = _norm_class(nn.BatchNorm3d, _NORM_DOC.format(name="BatchNorm3d"))
-_NORMS: dict[type, type] = {
-    nn.BatchNorm1d: TaskBatchedBatchNorm1d,
-    nn.BatchNorm2d: TaskBatchedBatchNorm2d,
-    nn.BatchNorm3d: TaskBatchedBatchNorm3d,
-}
+register_batched_form(nn.BatchNorm1d, TaskBatchedBatchNorm1d, kind="norm")
+register_batched_form(nn.BatchNorm2d, TaskBatchedBatchNorm2d, kind="norm")
+register_batched_form(nn.BatchNorm3d, TaskBatchedBatchNorm3d, kind="norm")
 
 
 class TaskBatchedBatchNormAct2d(_TaskBatchedNorm, nn.BatchNorm2d):
@@ -313,17 +312,18 @@ class TaskBatchedBatchNormAct2d(_TaskBatchedNorm, nn.BatchNorm2d):
         for name in ("drop", "act"):
             children = [norm._modules[name] for norm in norms]
             child_sources = [f"{source}.{name}" for source in sources]
-            self.add_module(name, _wide_module(children, child_sources, conv_mode))
+            self.add_module(name, wide_module(children, child_sources, conv_mode))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.drop(super().forward(x)))
 
 
-def _is_timm_norm_act(kind: type) -> bool:
+def is_timm_norm_act(kind: type) -> bool:
+    """Whether ``kind`` is timm's ``BatchNormAct2d`` (recognised by name: timm is optional)."""
     return kind.__name__ == "BatchNormAct2d" and kind.__module__.startswith("timm.")
 
 
-class TaskBatchedLinear(_TaskBatched, nn.Linear):
+class TaskBatchedLinear(TaskBatched, nn.Linear):
     """K linear layers of one shape as one batched matmul: weight K × out × in, bias K × out.
 
     The input is task-stacked along dim 1 (``N × K·F`` for per-task ``N × F``, or
@@ -360,90 +360,7 @@ class TaskBatchedLinear(_TaskBatched, nn.Linear):
         return f"{self.num_tasks} tasks × {super().extra_repr()}"
 
 
-class TaskBatchedNDDR(_TaskBatched, FusionLayer):
-    """An :class:`~nddrify.NDDRLayer` on task-stacked maps: its K per-task 1×1 convolutions over
-    the concatenated maps are one K·C → K·C convolution (the stacked tensor *is* the
-    concatenation), then one norm over K·C channels and the activation."""
-
-    def __init__(self, layer: NDDRLayer, source: str) -> None:
-        super().__init__()
-        k = len(layer.in_channels)
-        self.num_tasks = k
-        self.lr_mult = layer.lr_mult
-        self.sources = (source,)
-        weight = torch.cat([conv.weight.detach() for conv in layer.convs])
-        self.conv = skip_init(nn.Conv2d, weight.shape[1], weight.shape[0], 1, bias=False)
-        self.conv.weight = nn.Parameter(weight, requires_grad=layer.convs[0].weight.requires_grad)
-        self.norm = _stacked_norm(layer.norms, source)
-        self.activation = copy.deepcopy(layer.activations[0])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.norm(self.conv(x)))
-
-    def task_state(self, task: int) -> dict[str, torch.Tensor]:
-        # the norm is a task-batched module of its own, with its own sources
-        weights = self.conv.weight.chunk(self.num_tasks)
-        return {f"convs.{i}.weight": weight for i, weight in enumerate(weights)}
-
-
-class TaskBatchedCrossStitch(_TaskBatched, FusionLayer):
-    """A :class:`~nddrify.baselines.CrossStitchLayer` on task-stacked maps:
-    ``out_i = Σ_j a_ij · x_j`` as one einsum."""
-
-    def __init__(self, layer: CrossStitchLayer, source: str) -> None:
-        super().__init__()
-        self.num_tasks = layer.weight.shape[0]
-        self.lr_mult = layer.lr_mult
-        self.sources = (source,)
-        self.weight = nn.Parameter(
-            layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tasks = x.unflatten(1, (self.num_tasks, -1))  # N × K × C × …
-        if self.weight.dim() == 2:
-            mixed = torch.einsum("ij,nj...->ni...", self.weight, tasks)
-        else:
-            mixed = torch.einsum("ijc,njc...->nic...", self.weight, tasks)
-        return mixed.flatten(1, 2)
-
-    def task_state(self, task: int) -> dict[str, torch.Tensor]:
-        return {"weight": self.weight}
-
-
-class TaskBatchedShortcut(_TaskBatched, FusionLayer):
-    """An :class:`~nddrify.NDDRShortcutLayer` on task-stacked maps: every level resized at once,
-    concatenated per task, and the K per-task 1×1 reductions as one grouped convolution."""
-
-    def __init__(self, layer: NDDRShortcutLayer, source: str) -> None:
-        super().__init__()
-        k = len(layer.convs)
-        self.num_tasks = k
-        self.lr_mult = layer.lr_mult
-        self.sources = (source,)
-        self.resize_mode = layer.resize_mode
-        weight = torch.cat([conv.weight.detach() for conv in layer.convs])
-        self.conv = skip_init(
-            nn.Conv2d, k * weight.shape[1], weight.shape[0], 1, groups=k, bias=False
-        )
-        self.conv.weight = nn.Parameter(weight, requires_grad=layer.convs[0].weight.requires_grad)
-        self.norm = _stacked_norm(layer.norms, source)
-        self.activation = copy.deepcopy(layer.activations[0])
-
-    def forward(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
-        size = levels[-1].shape[-2:]
-        resized = [resize_bilinear(level, size, self.resize_mode) for level in levels]
-        return self.activation(self.norm(self.conv(cat_task_channels(resized, self.num_tasks))))
-
-    def task_state(self, task: int) -> dict[str, torch.Tensor]:
-        weights = self.conv.weight.chunk(self.num_tasks)
-        return {f"convs.{i}.weight": weight for i, weight in enumerate(weights)}
-
-
-def _stacked_norm(norms: Sequence[nn.Module], source: str) -> nn.Module:
-    if type(norms[0]) is nn.Identity:
-        return nn.Identity()
-    return TaskBatchedBatchNorm2d(norms, [f"{source}.norms.{i}" for i in range(len(norms))])
+register_batched_form(nn.Linear, TaskBatchedLinear, kind="linear")
 
 
 def cat_task_channels(tensors: Sequence[torch.Tensor], num_tasks: int) -> torch.Tensor:
@@ -458,32 +375,27 @@ def cat_task_channels(tensors: Sequence[torch.Tensor], num_tasks: int) -> torch.
     return torch.cat([t.unflatten(1, (num_tasks, -1)) for t in tensors], dim=2).flatten(1, 2)
 
 
-_FUSIONS: dict[type, type] = {
-    NDDRLayer: TaskBatchedNDDR,
-    CrossStitchLayer: TaskBatchedCrossStitch,
-    NDDRShortcutLayer: TaskBatchedShortcut,
-}
-
-
-def _wide_module(modules: Sequence[nn.Module], sources: Sequence[str], conv_mode: str) -> nn.Module:
-    """The batched form of K identical modules (``_module_kind`` said it has one)."""
+def wide_module(modules: Sequence[nn.Module], sources: Sequence[str], conv_mode: str) -> nn.Module:
+    """The batched form of K identical modules (``module_kind`` in
+    :mod:`~nddrify.batching.analysis` said they have one): their registered batched form, a
+    :class:`TaskBatchedBatchNormAct2d`, a container of batched children, or a copy of the first
+    (a module without weights runs as it is on the task-stacked maps)."""
     kind = type(modules[0])
-    if kind in _CONVS:
-        wide: nn.Module = _CONVS[kind](modules, sources, conv_mode)
-    elif kind in _NORMS:
-        wide = _NORMS[kind](modules, sources)
-    elif _is_timm_norm_act(kind):
+    form = batched_form(kind)
+    if form is not None and form.kind == "conv":
+        wide: nn.Module = form.factory(modules, sources, conv_mode)
+    elif form is not None and form.kind in LAYER_KINDS:
+        wide = form.factory(modules, sources)
+    elif is_timm_norm_act(kind):
         wide = TaskBatchedBatchNormAct2d(modules, sources, conv_mode)
-    elif kind is nn.Linear:
-        wide = TaskBatchedLinear(modules, sources)
-    elif _has_state(modules[0]):  # a container: its forward, with batched children
+    elif has_state(modules[0]):  # a container: its forward, with batched children
         wide = copy.copy(modules[0])
         wide.__dict__ = {  # its own bookkeeping dicts (hooks, ...), not the fused module's
             key: copy.copy(value) if isinstance(value, dict) else value
             for key, value in modules[0].__dict__.items()
         }
         wide._modules = {
-            name: _wide_module(
+            name: wide_module(
                 [m._modules[name] for m in modules], [f"{s}.{name}" for s in sources], conv_mode
             )
             for name in modules[0]._modules
@@ -493,5 +405,6 @@ def _wide_module(modules: Sequence[nn.Module], sources: Sequence[str], conv_mode
     return wide.train(modules[0].training)
 
 
-def _has_state(module: nn.Module) -> bool:
+def has_state(module: nn.Module) -> bool:
+    """Whether ``module`` (or a submodule) holds parameters or buffers."""
     return any(True for _ in module.parameters()) or any(True for _ in module.buffers())

@@ -3,7 +3,7 @@
 :class:`BatchingReport` holds one :class:`StageReport` per segment of the task graphs (with a
 :class:`PerTaskOperation` for every operation that runs once per task, and why) and one
 :class:`FusionReport` per fusion layer. They are plain frozen dataclasses, built by
-:mod:`nddrify.batching.builder`.
+:mod:`nddrify.batching.emission`.
 
 Example:
     >>> from nddrify.batching.report import (

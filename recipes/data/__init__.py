@@ -35,8 +35,9 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from recipes.data.imdb_wiki import NUM_AGES, IMDBWiki
-from recipes.data.nyuv2 import (
+from ..errors import ConfigError, DatasetNotFoundError
+from .imdb_wiki import NUM_AGES, IMDBWiki
+from .nyuv2 import (
     NYUV2_MTAN_NUM_CLASSES,
     NYUV2_NUM_CLASSES,
     NYUv2,
@@ -45,9 +46,8 @@ from recipes.data.nyuv2 import (
     write_nyuv2_mtan,
     write_nyuv2_official,
 )
-from recipes.data.synthetic import SyntheticScenes
-from recipes.data.transforms import EvalTransform, FaceTransform, TrainTransform, TransformedDataset
-from recipes.errors import ConfigError, DatasetNotFoundError
+from .synthetic import SyntheticScenes
+from .transforms import EvalTransform, FaceTransform, TrainTransform, TransformedDataset
 
 __all__ = [
     "DATASETS",

@@ -46,8 +46,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from recipes.data.transforms import sample_generator
-from recipes.errors import ConfigError, DatasetFormatError, DatasetNotFoundError
+from ..errors import ConfigError, DatasetFormatError, DatasetNotFoundError
+from .transforms import sample_generator
 
 __all__ = [
     "FaceRecord",
@@ -71,7 +71,7 @@ _HINT = (
     "download the faces-only archive (imdb_crop.tar or wiki_crop.tar) from "
     "https://data.vision.ee.ethz.ch/cvl/rrothe/imdb-wiki/, extract it and pass the folder holding "
     "{source}.mat (e.g. .../{source}_crop) as root, or write a small one with "
-    "recipes.data.imdb_wiki.write_synthetic_faces(...)"
+    f"{__name__}.write_synthetic_faces(...)"
 )
 _REQUIRED_FIELDS = ("dob", "photo_taken", "full_path", "gender", "face_score", "second_face_score")
 

@@ -49,8 +49,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from recipes.data.transforms import decode_normals, encode_normals, normal_validity
-from recipes.errors import ConfigError, DatasetFormatError, DatasetNotFoundError
+from ..errors import ConfigError, DatasetFormatError, DatasetNotFoundError
+from .transforms import decode_normals, encode_normals, normal_validity
 
 __all__ = [
     "NYUV2_NUM_CLASSES",
@@ -84,12 +84,12 @@ _MTAN_SPLITS = {
 _OFFICIAL_HINT = (
     "download the official NDDR NYUv2 preprocessing (the 'datasets/nyu_v2' folder linked from the "
     "NDDR-CNN README, holding list/ and nyu_train_val/) and pass that folder as root, write one "
-    "with recipes.data.write_nyuv2_official(...), or run with dataset=synthetic"
+    f"with {__package__}.write_nyuv2_official(...), or run with dataset=synthetic"
 )
 _MTAN_HINT = (
     "download the MTAN NYUv2 build (nyuv2.zip linked from the lorenmt/mtan README, holding "
     "train/ and val/) and pass the unzipped folder as root, write one with "
-    "recipes.data.write_nyuv2_mtan(...), or run with dataset=synthetic"
+    f"{__package__}.write_nyuv2_mtan(...), or run with dataset=synthetic"
 )
 
 

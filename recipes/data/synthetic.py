@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from recipes.data.transforms import decode_normals, encode_normals, sample_generator
-from recipes.errors import ConfigError
+from ..errors import ConfigError
+from .transforms import decode_normals, encode_normals, sample_generator
 
 __all__ = ["SceneKind", "SCENE_KINDS", "NYU40_CLASSES", "SyntheticScenes", "render_scene"]
 

@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from recipes.errors import ConfigError, DatasetFormatError
+from ..errors import ConfigError, DatasetFormatError
 
 __all__ = [
     "CAFFE_BGR_MEAN",

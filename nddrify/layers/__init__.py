@@ -1,0 +1,31 @@
+"""The fusion layers and the factories that build them.
+
+* :mod:`~nddrify.layers.base` — :class:`FusionLayer` (base class of every inserted layer), the
+  one diagonal init (:func:`block_diagonal`) and its validator (:func:`check_init`), norms,
+  activations, :func:`resize_bilinear` and the layout helpers;
+* :mod:`~nddrify.layers.nddr` — :class:`NDDRLayer` (Gao et al., CVPR 2019), its cheaper
+  :class:`NDDRLowRankLayer` and :class:`NDDRGroupedLayer`, and :class:`NDDRShortcutLayer`;
+* :mod:`~nddrify.layers.kinds` — the :class:`NDDR` fusion kind and the :class:`Shortcut`
+  (see :mod:`nddrify.protocol`).
+
+The baselines (cross-stitch, sluice) live in :mod:`nddrify.baselines`.
+
+Example:
+    >>> import torch
+    >>> from nddrify.layers import NDDR
+    >>> from nddrify.plans import FusionLevel, FusionPoint
+    >>> level = FusionLevel(0, (FusionPoint("a", "p", "p", (1, 8, 4, 4), True),
+    ...                         FusionPoint("b", "p", "p", (1, 8, 4, 4), False)))
+    >>> layer = NDDR().build(level)
+    >>> type(layer).__name__, [type(a).__name__ for a in layer.activations]
+    ('NDDRLayer', ['ReLU', 'Identity'])
+"""
+
+from __future__ import annotations
+
+from . import base, kinds, nddr
+from .base import *  # noqa: F403
+from .kinds import *  # noqa: F403
+from .nddr import *  # noqa: F403
+
+__all__ = [*base.__all__, *nddr.__all__, *kinds.__all__]

@@ -1,0 +1,350 @@
+"""The plan value: where the tasks are fused and what it costs, as plain data.
+
+A :class:`Plan` holds names, shapes and costs only (no traces, no modules), so it can be
+printed, compared, saved as JSON (:meth:`Plan.to_dict`), edited, loaded
+(:meth:`Plan.from_dict`) and handed to :func:`nddrify.rewrite`.
+
+Example:
+    >>> import json, torchvision, nddrify
+    >>> from nddrify.plans import Plan
+    >>> p = nddrify.plan([torchvision.models.vgg11(), torchvision.models.vgg11()], points=2)
+    >>> again = Plan.from_dict(json.loads(json.dumps(p.to_dict())))
+    >>> again == p, [lv.points[0].name for lv in again.levels]
+    (True, ['features.15', 'features.20'])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import PlanError
+
+__all__ = ["Candidate", "FusionPoint", "FusionLevel", "Overhead", "Plan", "PLAN_FORMAT"]
+
+#: Version of :meth:`Plan.to_dict`'s format.
+PLAN_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A node of one model that can be fused: a spine feature map.
+
+    Attributes:
+        name: the readable name (the stage module ending there, else the node name).
+        node: the torchvision-style node name.
+        shape: the feature map's (N, C, H, W) on the example input, whatever its layout.
+        auto: whether ``points="auto"`` picks it.
+    """
+
+    name: str
+    node: str
+    shape: tuple[int, ...]
+    auto: bool
+
+    def __repr__(self) -> str:
+        mark = "*" if self.auto else " "
+        return f"{mark} {self.name:<28} {self.node:<32} {'×'.join(map(str, self.shape[1:]))}"
+
+
+@dataclass(frozen=True)
+class FusionPoint:
+    """One task's feature map at one fusion level.
+
+    ``shape`` is (N, C, H, W) whatever the layout; ``layout`` says how the tensor is stored
+    (``"NHWC"`` for channels-last stages such as Swin's); ``nonnegative`` whether the original
+    map was (after a ReLU, or a pool of one).
+    """
+
+    task: str
+    name: str
+    node: str
+    shape: tuple[int, ...]
+    nonnegative: bool
+    layout: str = "NCHW"
+
+    @property
+    def channels(self) -> int:
+        return self.shape[1]
+
+    @property
+    def spatial(self) -> tuple[int, int]:
+        return (self.shape[2], self.shape[3])
+
+    @property
+    def channels_last(self) -> bool:
+        return self.layout == "NHWC"
+
+    def describe_shape(self) -> str:
+        """``"512×7×7"`` (C×H×W), with ``" NHWC"`` appended for channels-last maps."""
+        text = "×".join(map(str, self.shape[1:]))
+        return text if self.layout == "NCHW" else f"{text} {self.layout}"
+
+
+@dataclass(frozen=True)
+class FusionLevel:
+    """The K points fused by one layer, and the parameters that layer adds.
+
+    Fusion kinds build their layer from a level (:meth:`nddrify.NDDR.build`), reading
+    ``shapes``, ``nonnegative`` and ``channels_last``.
+    """
+
+    index: int
+    points: tuple[FusionPoint, ...]
+    weights: int = 0
+    norm_params: int = 0
+
+    @property
+    def parameters(self) -> int:
+        return self.weights + self.norm_params
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(p.shape for p in self.points)
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        return tuple(p.channels for p in self.points)
+
+    @property
+    def nonnegative(self) -> tuple[bool, ...]:
+        return tuple(p.nonnegative for p in self.points)
+
+    @property
+    def channels_last(self) -> tuple[bool, ...]:
+        return tuple(p.channels_last for p in self.points)
+
+    def describe(self) -> str:
+        """``"level 2 (seg 'layer1', normal 'layer1')"`` for error messages."""
+        names = ", ".join(f"{p.task} {p.name!r}" for p in self.points)
+        return f"level {self.index + 1} ({names})"
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """Parameters the fusion adds, absolute and relative to the original models.
+
+    Attributes:
+        fusion_weights: 1×1 conv weights of all fusion layers (and the shortcut).
+        fusion_norm_params: affine parameters of their norms.
+        model_params: parameters of each original model, in task order.
+    """
+
+    fusion_weights: int
+    fusion_norm_params: int
+    model_params: tuple[int, ...]
+    kind: str = "NDDR"
+
+    @property
+    def fusion_params(self) -> int:
+        return self.fusion_weights + self.fusion_norm_params
+
+    @property
+    def weights_per_task(self) -> float:
+        return self.fusion_weights / len(self.model_params)
+
+    @property
+    def relative_per_task(self) -> float:
+        """Fusion weights per task over the mean size of one original model."""
+        return self.weights_per_task / (sum(self.model_params) / len(self.model_params))
+
+    def __str__(self) -> str:
+        what = "fusion 1×1 weights" if self.kind == "NDDR" else f"{self.kind} weights"
+        return (
+            f"{self.fusion_weights:,} {what} ({self.weights_per_task:,.0f} per task = "
+            f"{100 * self.relative_per_task:.2f}% of one model's "
+            f"{sum(self.model_params) // len(self.model_params):,}) + "
+            f"{self.fusion_norm_params:,} norm parameters"
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where the tasks are fused and what it costs. Build it with :func:`nddrify.plan`.
+
+    Attributes:
+        tasks: task names in order.
+        levels: one :class:`FusionLevel` per fusion point.
+        model_params: parameter count of each original model.
+        shortcut_weights, shortcut_norm_params: parameters of the layer that spans the levels
+            (the NDDR-Shortcut, or sluice's layer-stitch); 0 without one.
+        fusion_kind: the fusion kind's display name (``"NDDR"``, ``"CrossStitch"``, ...).
+        fusion, shortcut: the options of a built-in fusion kind and of the shortcut as plain
+            values (what :func:`nddrify.rewrite` rebuilds the layers from); ``fusion`` is None
+            for a kind of your own (pass it to ``rewrite(..., fusion=...)``).
+    """
+
+    tasks: tuple[str, ...]
+    levels: tuple[FusionLevel, ...]
+    model_params: tuple[int, ...] = ()
+    shortcut_weights: int = 0
+    shortcut_norm_params: int = 0
+    fusion_kind: str = "NDDR"
+    fusion: Mapping[str, Any] | None = field(default=None, compare=False)
+    shortcut: Mapping[str, Any] | None = field(default=None, compare=False)
+
+    def points(self, task: str) -> list[str]:
+        """The node names fused in ``task``, in level order."""
+        return [level.points[self.tasks.index(task)].node for level in self.levels]
+
+    @property
+    def overhead(self) -> Overhead:
+        return Overhead(
+            fusion_weights=sum(lv.weights for lv in self.levels) + self.shortcut_weights,
+            fusion_norm_params=sum(lv.norm_params for lv in self.levels)
+            + self.shortcut_norm_params,
+            model_params=self.model_params,
+            kind=self.fusion_kind,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-safe values (lists, dicts, strings, numbers, booleans, None)."""
+        return {
+            "format": PLAN_FORMAT,
+            "tasks": list(self.tasks),
+            "levels": [
+                {
+                    "points": [
+                        {
+                            "task": p.task,
+                            "name": p.name,
+                            "node": p.node,
+                            "shape": list(p.shape),
+                            "nonnegative": p.nonnegative,
+                            "layout": p.layout,
+                        }
+                        for p in level.points
+                    ],
+                    "weights": level.weights,
+                    "norm_params": level.norm_params,
+                }
+                for level in self.levels
+            ],
+            "model_params": list(self.model_params),
+            "shortcut_weights": self.shortcut_weights,
+            "shortcut_norm_params": self.shortcut_norm_params,
+            "fusion_kind": self.fusion_kind,
+            "fusion": _plain_copy(self.fusion),
+            "shortcut": _plain_copy(self.shortcut),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        """The plan :meth:`to_dict` described (after ``json.loads``, or edited by hand).
+
+        Raises:
+            PlanError: a key is missing or holds a value of the wrong kind.
+        """
+        if not isinstance(data, Mapping):
+            raise PlanError(f"a plan must be a dict (Plan.to_dict()), got {type(data).__name__}.")
+        if data.get("format") != PLAN_FORMAT:
+            raise PlanError(
+                f"plan format {data.get('format')!r} is not supported; this nddrify reads format "
+                f"{PLAN_FORMAT} (make the plan again with nddrify.plan(...).to_dict())."
+            )
+        try:
+            tasks = tuple(str(t) for t in data["tasks"])
+            levels = []
+            for index, level in enumerate(data["levels"]):
+                points = tuple(
+                    FusionPoint(
+                        task=str(p["task"]),
+                        name=str(p["name"]),
+                        node=str(p["node"]),
+                        shape=tuple(int(s) for s in p["shape"]),
+                        nonnegative=bool(p["nonnegative"]),
+                        layout=str(p.get("layout", "NCHW")),
+                    )
+                    for p in level["points"]
+                )
+                if tuple(p.task for p in points) != tasks:
+                    raise PlanError(
+                        f"plan level {index + 1} lists tasks {[p.task for p in points]}, the plan "
+                        f"{list(tasks)}; every level needs one point per task, in task order."
+                    )
+                levels.append(
+                    FusionLevel(
+                        index,
+                        points,
+                        int(level.get("weights", 0)),
+                        int(level.get("norm_params", 0)),
+                    )
+                )
+            return cls(
+                tasks=tasks,
+                levels=tuple(levels),
+                model_params=tuple(int(n) for n in data.get("model_params", ())),
+                shortcut_weights=int(data.get("shortcut_weights", 0)),
+                shortcut_norm_params=int(data.get("shortcut_norm_params", 0)),
+                fusion_kind=str(data.get("fusion_kind", "NDDR")),
+                fusion=data.get("fusion"),
+                shortcut=data.get("shortcut"),
+            )
+        except PlanError:
+            raise
+        except (KeyError, TypeError, ValueError) as err:
+            raise PlanError(
+                f"the plan dict is malformed ({type(err).__name__}: {err}); start from "
+                "nddrify.plan(...).to_dict() and edit point names only."
+            ) from err
+
+    def __repr__(self) -> str:
+        lines = [
+            f"Plan({len(self.tasks)} tasks: {', '.join(self.tasks)}; {len(self.levels)} levels)"
+        ]
+        for level in self.levels:
+            for point in level.points:
+                added = f"+{level.parameters:,} params" if point is level.points[0] else ""
+                lines.append(
+                    f"  level {level.index + 1}  {point.task:<10} {point.name:<24} "
+                    f"{point.node:<32} {point.describe_shape():<19}{added}".rstrip()
+                )
+        if self.shortcut_weights:
+            lines.append(
+                f"  shortcut   +{self.shortcut_weights + self.shortcut_norm_params:,} params"
+            )
+        if self.model_params:
+            lines.append(f"  overhead: {self.overhead}")
+        return "\n".join(lines)
+
+    def __rich__(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title=f"NDDR fusion plan: {', '.join(self.tasks)}")
+        for column in ("level", "task", "point", "node", "shape (C×H×W)", "params added"):
+            table.add_column(
+                column, justify="right" if column in ("level", "params added") else "left"
+            )
+        for level in self.levels:
+            for point in level.points:
+                first = point is level.points[0]
+                table.add_row(
+                    str(level.index + 1) if first else "",
+                    point.task,
+                    point.name,
+                    point.node,
+                    point.describe_shape(),
+                    f"{level.parameters:,}" if first else "",
+                    end_section=point is level.points[-1],
+                )
+        if self.shortcut_weights:
+            params = self.shortcut_weights + self.shortcut_norm_params
+            table.add_row("", "all", "shortcut", "", "", f"{params:,}")
+        if self.model_params:
+            table.caption = str(self.overhead)
+        return table
+
+
+def _plain_copy(value: Any) -> Any:
+    """A JSON-safe deep copy (tuples become lists)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_copy(v) for v in value]
+    return value
+
+
+def level_shapes(levels: Sequence[FusionLevel]) -> list[list[tuple[int, ...]]]:
+    """The (N, C, H, W) shapes per level and task."""
+    return [list(level.shapes) for level in levels]

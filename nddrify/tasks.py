@@ -1,0 +1,221 @@
+"""Stage 1 of 3: resolve the ``models`` argument into named tasks and trace every one of them.
+
+:func:`trace` returns a :class:`TracedSet`: each task's :class:`~nddrify.tracing.TracedModel`
+(train- and eval-mode graphs with readable node names and shapes), whether ``models`` was a
+dict (the fused model then returns a dict), and the options it was traced with. Planning and
+rewriting read it; nothing modifies it.
+
+Example:
+    >>> import torchvision, nddrify
+    >>> traced = nddrify.trace({"seg": torchvision.models.resnet18(), "depth": "torchvision:resnet18"})
+    >>> traced
+    TracedSet(seg: ResNet, depth: ResNet; input 1×3×224×224)
+    >>> traced["depth"].node("layer4").meta["qualname"]
+    'layer4.1.relu_1'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InputError, ModelsError
+from .specs import is_spec, load_spec
+from .tracing import TracedModel, TraceOptions, default_example_input, trace_model
+
+__all__ = ["TaskModels", "TracedSet", "resolve_models", "trace", "per_task_options", "TaskOptions"]
+
+#: One :class:`TraceOptions` for every task, one per task in task order, or a dict task → options.
+TaskOptions = TraceOptions | Sequence[TraceOptions] | Mapping[str, TraceOptions] | None
+
+_RESERVED = {"x", "shortcut", "shared", "self", "torch"}
+
+
+@dataclass(frozen=True)
+class TaskModels:
+    """The ``models`` argument resolved: task names, modules, their specs (or None), dict or not."""
+
+    names: tuple[str, ...]
+    modules: tuple[nn.Module, ...]
+    specs: tuple[str | None, ...]
+    as_dict: bool
+
+
+def resolve_models(models: Any) -> TaskModels:
+    """Validate ``models`` (a list or dict of ``nn.Module`` or spec strings such as
+    ``"torchvision:vgg16"``) and name the tasks (``task0, task1, …`` for a list).
+
+    Raises:
+        ModelsError: fewer than two models, something that is not a model, a task name that
+            cannot be an attribute, or models on different devices or dtypes.
+    """
+    if isinstance(models, TaskModels):
+        return models
+    if isinstance(models, nn.Module):
+        raise ModelsError(
+            "models must be a list or dict of at least two models, got a single "
+            f"{type(models).__name__}; pass models=[model_a, model_b]."
+        )
+    if isinstance(models, Mapping):
+        names, given, as_dict = [str(k) for k in models], list(models.values()), True
+    elif isinstance(models, Iterable) and not isinstance(models, (str, bytes)):
+        given = list(models)
+        names, as_dict = [f"task{i}" for i in range(len(given))], False
+    else:
+        raise ModelsError(
+            f"models must be a list or dict of nn.Module, got {type(models).__name__}."
+        )
+    if len(given) < 2:
+        raise ModelsError(
+            f"NDDR fuses at least two tasks, got {len(given)} model(s); pass two or more models."
+        )
+    specs = [m if is_spec(m) else None for m in given]
+    modules = [load_spec(m) if is_spec(m) else m for m in given]
+    for name, module in zip(names, modules):
+        if not isinstance(module, nn.Module):
+            raise ModelsError(
+                f"task {name!r} is a {type(module).__name__}, not an nn.Module or a model spec "
+                "such as 'torchvision:resnet50'."
+            )
+        if not name.isidentifier() or name in _RESERVED or name.startswith("nddr"):
+            raise ModelsError(
+                f"task name {name!r} cannot be used: task names become attribute names of the "
+                "fused module, so use a Python identifier that is not 'x', 'shortcut', 'shared' "
+                "and does not start with 'nddr' (e.g. 'seg', 'normal')."
+            )
+    placements = {}
+    for name, module in zip(names, modules):
+        tensor = next((t for t in (*module.parameters(), *module.buffers())), None)
+        if tensor is not None:
+            placements[name] = (tensor.device, tensor.dtype)
+    if len(set(placements.values())) > 1:
+        listing = ", ".join(
+            f"{n}: {d}/{str(t).replace('torch.', '')}" for n, (d, t) in placements.items()
+        )
+        raise ModelsError(
+            f"the models live on different devices or dtypes ({listing}); move them to one, "
+            "e.g. model.to('cuda', torch.float32), before fusing."
+        )
+    return TaskModels(tuple(names), tuple(modules), tuple(specs), as_dict)
+
+
+def per_task_options(options: TaskOptions, names: Sequence[str]) -> tuple[TraceOptions, ...]:
+    """One :class:`TraceOptions` per task from what the user gave."""
+    if options is None:
+        return (TraceOptions(),) * len(names)
+    if isinstance(options, TraceOptions):
+        return (options,) * len(names)
+    if isinstance(options, Mapping):
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise InputError(
+                f"trace options name unknown task(s) {unknown}; the tasks are {list(names)}."
+            )
+        chosen = [options.get(n, TraceOptions()) for n in names]
+    elif isinstance(options, Sequence) and not isinstance(options, str):
+        if len(options) != len(names):
+            raise InputError(
+                f"got {len(options)} TraceOptions for {len(names)} tasks {list(names)}; give one "
+                "for all tasks, one per task, or a dict task → TraceOptions."
+            )
+        chosen = list(options)
+    else:
+        chosen = [options]  # type: ignore[list-item]
+    for name, value in zip(names, chosen):
+        if not isinstance(value, TraceOptions):
+            raise InputError(
+                f"task {name!r}: trace options must be nddrify.TraceOptions(...), got "
+                f"{type(value).__name__}."
+            )
+    return tuple(chosen)
+
+
+@dataclass(frozen=True)
+class TracedSet:
+    """Every task traced: what :func:`trace` returns and :func:`nddrify.plan` /
+    :func:`nddrify.rewrite` read.
+
+    Attributes:
+        traced: one :class:`~nddrify.tracing.TracedModel` per task, in task order.
+        as_dict: whether ``models`` was a dict (the fused model then returns a dict by task).
+        specs: each task's spec string (``"torchvision:vgg16"``) or None.
+        options: the :class:`TraceOptions` each task was traced with.
+    """
+
+    traced: tuple[TracedModel, ...]
+    as_dict: bool = False
+    specs: tuple[str | None, ...] = ()
+    options: tuple[TraceOptions, ...] = field(default=(), repr=False)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(t.task for t in self.traced)
+
+    @property
+    def modules(self) -> tuple[nn.Module, ...]:
+        return tuple(t.module for t in self.traced)
+
+    @property
+    def example_input(self) -> torch.Tensor:
+        return self.traced[0].example_input
+
+    @property
+    def model_params(self) -> tuple[int, ...]:
+        return tuple(sum(p.numel() for p in m.parameters()) for m in self.modules)
+
+    def __getitem__(self, task: str | int) -> TracedModel:
+        if isinstance(task, int):
+            return self.traced[task]
+        for traced in self.traced:
+            if traced.task == task:
+                return traced
+        raise KeyError(task)
+
+    def __iter__(self) -> Iterator[TracedModel]:
+        return iter(self.traced)
+
+    def __len__(self) -> int:
+        return len(self.traced)
+
+    def __repr__(self) -> str:
+        models = ", ".join(f"{t.task}: {type(t.module).__name__}" for t in self.traced)
+        shape = "×".join(map(str, self.example_input.shape)) if self.traced else "-"
+        return f"TracedSet({models}; input {shape})"
+
+
+def trace(
+    models: Sequence[nn.Module | str] | Mapping[str, nn.Module | str] | TracedSet,
+    *,
+    example_input: torch.Tensor | None = None,
+    options: TaskOptions = None,
+) -> TracedSet:
+    """Resolve ``models`` and trace every task in train and eval mode, propagating shapes.
+
+    The models are never modified (not even their train/eval flags).
+
+    Args:
+        models: two or more models, as a list (tasks ``task0, task1, …``) or a dict (named
+            tasks); a model may be a spec string such as ``"torchvision:vgg16"``. A
+            :class:`TracedSet` is returned as it is.
+        example_input: input for shape propagation (default 1×3×224×224, or the first model's
+            declared input size).
+        options: :class:`TraceOptions` for every task, or one per task (list or dict).
+
+    Raises:
+        ModelsError, InputError, TraceError: see :mod:`nddrify.errors`.
+    """
+    if isinstance(models, TracedSet):
+        return models
+    resolved = resolve_models(models)
+    per_task = per_task_options(options, resolved.names)
+    if example_input is None:
+        example_input = default_example_input(resolved.modules[0])
+    traced = tuple(
+        trace_model(module, task=name, example_input=example_input, options=opts)
+        for name, module, opts in zip(resolved.names, resolved.modules, per_task)
+    )
+    return TracedSet(traced, resolved.as_dict, resolved.specs, per_task)
