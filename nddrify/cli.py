@@ -172,8 +172,8 @@ def _demo(args: argparse.Namespace) -> int:
     console.print(
         f"task_state_dict(fused, 'seg') gives back {len(seg_weights)} tensors under the original keys."
     )
-    console.print("\n[bold]Generated forward (first lines):[/bold]")
-    console.print("\n".join(fused.code.strip().splitlines()[:12]), markup=False, highlight=False)
+    console.print("\n[bold]Generated forward (print(fused.code)):[/bold]")
+    console.print(fused.code.strip(), markup=False, highlight=False)
     worst = max(diffs.values())
     status = 0 if worst <= 1e-5 and not no_grad else 1
     if args.no_train:

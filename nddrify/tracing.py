@@ -356,6 +356,21 @@ def _propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor, task: str
             ) from err
 
 
+def _share_shapes(eval_graph: fx.Graph, train_graph: fx.Graph) -> None:
+    """Give the train-mode graph's nodes the shapes of the eval-mode nodes of the same name, op
+    and target (a node runs on the same shapes in both modes; shapes are propagated in eval mode
+    only, so that no batch-norm statistics move)."""
+    shapes = {
+        (n.meta.get(QUALNAME), n.op, str(n.target)): n.meta["tensor_meta"]
+        for n in eval_graph.nodes
+        if "tensor_meta" in n.meta
+    }
+    for node in train_graph.nodes:
+        found = shapes.get((node.meta.get(QUALNAME), node.op, str(node.target)))
+        if found is not None and "tensor_meta" not in node.meta:
+            node.meta["tensor_meta"] = found
+
+
 def module_modes(model: nn.Module) -> dict[str, bool]:
     """The train/eval flag of every submodule (models may mix them, e.g. frozen BatchNorm)."""
     return {name: m.training for name, m in model.named_modules()}
@@ -420,6 +435,8 @@ def trace_model(
         restore_module_modes(model, modes)
 
     same = train_gm.code == eval_gm.code
+    if not same:
+        _share_shapes(eval_gm.graph, train_gm.graph)
     return TracedModel(
         task=task,
         module=model,

@@ -378,6 +378,12 @@ def test_separate_train_and_eval_graphs() -> None:
     assert batched.graph is batched.train_graph
     assert "training = True" in batched.code
     assert "training = False" in batched.eval_graph.python_code("self").src
+    # The train graph knows its maps' shapes too (copied from the eval graph), so it batches
+    # the fusion layer as the eval graph does; it used to call the batched layer per task.
+    out = batched(torch.randn(2, 3, 32, 32))
+    assert [tuple(o.shape) for o in out] == [(2, 5), (2, 5)]
+    sum(o.sum() for o in out).backward()
+    assert all(p.grad is not None for p in batched.nddr1.parameters())
 
 
 def test_deepcopy_and_pickle_keep_everything() -> None:

@@ -5,7 +5,7 @@
   activations, :func:`resize_bilinear` and the layout helpers;
 * :mod:`~nddrify.layers.nddr` — :class:`NDDRLayer` (Gao et al., CVPR 2019), its cheaper
   :class:`NDDRLowRankLayer` and :class:`NDDRGroupedLayer`, and :class:`NDDRShortcutLayer`;
-* :mod:`~nddrify.layers.kinds` — the :class:`NDDR` fusion kind and the :class:`Shortcut`
+* :mod:`~nddrify.layers.factories` — the :class:`NDDR` fusion kind and the :class:`Shortcut`
   (see :mod:`nddrify.protocol`).
 
 The baselines (cross-stitch, sluice) live in :mod:`nddrify.baselines`.
@@ -23,9 +23,9 @@ Example:
 
 from __future__ import annotations
 
-from . import base, kinds, nddr
+from . import base, factories, nddr
 from .base import *  # noqa: F403
-from .kinds import *  # noqa: F403
+from .factories import *  # noqa: F403
 from .nddr import *  # noqa: F403
 
-__all__ = [*base.__all__, *nddr.__all__, *kinds.__all__]
+__all__ = [*base.__all__, *nddr.__all__, *factories.__all__]
