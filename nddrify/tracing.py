@@ -19,7 +19,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -335,25 +338,55 @@ def _inline_fixed_arguments(
                     graph.erase_node(arg)
 
 
+class _ShapeProp(ShapeProp):
+    """ShapeProp that remembers the node it was running when it failed."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.current = n
+        return super().run_node(n)
+
+
+def _where(gm: fx.GraphModule, node: fx.Node | None) -> str:
+    if node is None:
+        return ""
+    name = node.meta.get(QUALNAME, node.name)
+    if node.op == "call_module":
+        return f" in module {name!r} ({type(gm.get_submodule(str(node.target))).__name__})"
+    return f" at node {name!r}"
+
+
 def _propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor, task: str) -> None:
     """ShapeProp on fake tensors (no compute, no memory), falling back to real ones (in eval mode,
-    without gradients) for the rare op that has no fake implementation."""
-    with torch.no_grad():
+    without gradients) for the rare op that has no fake implementation. A failure is one
+    :class:`TraceError` naming the module and the real cause (not ShapeProp's node dump)."""
+    # ShapeProp prints every failure's traceback and fake mode logs its own: the TraceError below
+    # says what failed, so both stay quiet.
+    quiet = contextlib.redirect_stderr(io.StringIO())
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    with torch.no_grad(), quiet:
         try:
+            fake_log.setLevel(logging.CRITICAL)
             # Real parameters enter the fake mode as non-fake inputs: no copy of the model.
             with FakeTensorMode(allow_non_fake_inputs=True) as fake_mode:
                 ShapeProp(gm).propagate(fake_mode.from_tensor(example_input))
             return
         except Exception:
             pass
+        finally:
+            fake_log.setLevel(level)
+        prop = _ShapeProp(gm)
         try:
-            ShapeProp(gm).propagate(example_input)
+            prop.propagate(example_input)
         except Exception as err:
+            cause = err.__cause__ if err.__cause__ is not None else err
+            reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
             raise TraceError(
                 f"task {task!r}: the traced model failed on an example input of shape "
-                f"{tuple(example_input.shape)}: {err}\nHow to fix: pass example_input= with a size "
+                f"{tuple(example_input.shape)}{_where(gm, getattr(prop, 'current', None))}: "
+                f"{type(cause).__name__}: {reason}\nHow to fix: pass example_input= with a size "
                 "the model accepts (e.g. its training resolution)."
-            ) from err
+            ) from cause
 
 
 def _share_shapes(eval_graph: fx.Graph, train_graph: fx.Graph) -> None:

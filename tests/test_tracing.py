@@ -60,3 +60,29 @@ def test_untraceable_model_names_task_module_and_fixes() -> None:
     options = nddrify.TraceOptions(leaf_modules=[DataDependent.Gate])
     fused = nddrify.fuse([DataDependent(), DataDependent()], trace_options=options)
     assert "self.task0.gate" in fused.code
+
+
+class _FlatHead(torch.nn.Module):
+    """A head sized for one input resolution (196 = 14×14 positions of a 16×16 input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 1, 3)
+        self.fc = torch.nn.Linear(196, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.conv(x), 1))
+
+
+def test_a_shape_failure_is_one_line_naming_the_module(capfd: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(nddrify.errors.TraceError) as info:
+        nddrify.fuse([_FlatHead(), _FlatHead()], example_input=torch.randn(1, 3, 32, 32))
+    first = str(info.value).splitlines()[0]
+    assert first == (
+        "task 'task0': the traced model failed on an example input of shape (1, 3, 32, 32) in "
+        "module 'fc' (Linear): RuntimeError: mat1 and mat2 shapes cannot be multiplied "
+        "(1x900 and 196x2)"
+    )
+    assert "ShapeProp" not in str(info.value)
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.err and "Traceback" not in captured.out
