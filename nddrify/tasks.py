@@ -23,11 +23,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InputError, ModelsError
+from .errors import InputError, ModelsError, NddrifyError, TraceError
 from .specs import is_spec, load_spec
 from .tracing import TracedModel, TraceOptions, default_example_input, trace_model
 
-__all__ = ["TaskModels", "TracedSet", "resolve_models", "trace", "per_task_options", "TaskOptions"]
+__all__ = [
+    "TaskModels",
+    "TracedSet",
+    "resolve_models",
+    "trace",
+    "per_task_options",
+    "traceable_trunks",
+    "TaskOptions",
+]
 
 #: One :class:`TraceOptions` for every task, one per task in task order, or a dict task → options.
 TaskOptions = TraceOptions | Sequence[TraceOptions] | Mapping[str, TraceOptions] | None
@@ -215,7 +223,57 @@ def trace(
     if example_input is None:
         example_input = default_example_input(resolved.modules[0])
     traced = tuple(
-        trace_model(module, task=name, example_input=example_input, options=opts)
+        _trace_or_point_to_trunks(module, name, example_input, opts)
         for name, module, opts in zip(resolved.names, resolved.modules, per_task)
     )
     return TracedSet(traced, resolved.as_dict, resolved.specs, per_task)
+
+
+def traceable_trunks(
+    model: nn.Module, example_input: torch.Tensor, options: TraceOptions | None = None
+) -> list[tuple[str, int]]:
+    """The direct submodules of ``model`` that trace on their own on ``example_input`` and hold
+    image feature maps, with their number of automatic fusion points (e.g. a detector's
+    ``backbone``): what to fuse when the whole model cannot be traced.
+
+    Example:
+        >>> import torch, torchvision
+        >>> from nddrify.tasks import traceable_trunks
+        >>> det = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        ...     weights=None, weights_backbone=None)
+        >>> traceable_trunks(det, torch.randn(1, 3, 224, 224))
+        [('backbone', 5)]
+    """
+    from .graph_analysis import annotate, stage_ends
+
+    found = []
+    for name, child in model.named_children():
+        try:
+            traced = trace_model(child, task=name, example_input=example_input, options=options)
+        except NddrifyError:
+            continue
+        points = len(stage_ends(annotate(traced.graph)))
+        if points:
+            found.append((name, points))
+    return found
+
+
+def _trace_or_point_to_trunks(
+    module: nn.Module, task: str, example_input: torch.Tensor, options: TraceOptions
+) -> TracedModel:
+    """:func:`trace_model`; when the whole model cannot be traced, the error also names the
+    submodules that can (the route for detectors and other models with list inputs)."""
+    try:
+        return trace_model(module, task=task, example_input=example_input, options=options)
+    except TraceError as err:
+        trunks = traceable_trunks(module, example_input, options)
+        if not trunks:
+            raise
+        listing = ", ".join(f"{name!r} ({n} automatic points)" for name, n in trunks)
+        first = trunks[0][0]
+        raise TraceError(
+            f"{err}\nThese submodules of task {task!r} trace on their own and hold its feature "
+            f"maps: {listing}. Fuse them instead of the whole model, e.g. "
+            f"nddrify.fuse([model_a.{first}, model_b.{first}]), and run the rest of each model "
+            "on the fused trunk's outputs (every task must then see the same input tensor)."
+        ) from err.__cause__

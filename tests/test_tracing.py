@@ -86,3 +86,30 @@ def test_a_shape_failure_is_one_line_naming_the_module(capfd: pytest.CaptureFixt
     assert "ShapeProp" not in str(info.value)
     captured = capfd.readouterr()
     assert "Traceback" not in captured.err and "Traceback" not in captured.out
+
+
+def test_a_detector_error_names_the_backbone_route() -> None:
+    def detector() -> torch.nn.Module:
+        make = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn
+        return make(weights=None, weights_backbone=None).eval()
+
+    a, b = detector(), detector()
+    with pytest.raises(nddrify.errors.TraceError) as info:
+        nddrify.fuse([a, b])
+    message = str(info.value)
+    assert "in FasterRCNN.forward" in message
+    assert (
+        "trace on their own and hold its feature maps: 'backbone' (5 automatic points)" in message
+    )
+    assert "nddrify.fuse([model_a.backbone, model_b.backbone])" in message
+    # the route works: the fused backbones give both detectors' FPN maps exactly at identity init
+    fused = nddrify.fuse(
+        [a.backbone, b.backbone], init=(1.0, 0.0), norm=None, activation=None
+    ).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        out_a, out_b = fused(x)
+        expected_a, expected_b = a.backbone(x), b.backbone(x)
+    assert list(out_a) == list(expected_a) == ["0", "1", "pool"]
+    assert all(torch.equal(out_a[k], expected_a[k]) for k in expected_a)
+    assert all(torch.equal(out_b[k], expected_b[k]) for k in expected_b)
