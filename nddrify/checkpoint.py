@@ -81,9 +81,9 @@ def save(
             "load_state_dict."
         )
     if specs is not None:
-        if len(specs) != len(build["tasks"]):
+        if len(specs) != len(stored["tasks"]):
             raise CheckpointError(
-                f"specs has {len(specs)} entries but the model has tasks {build['tasks']}."
+                f"specs has {len(specs)} entries but the model has tasks {stored['tasks']}."
             )
         build["specs"] = list(specs)
     atomic_save(
@@ -122,7 +122,7 @@ def load(
             "weights_only=True))."
         )
     build = payload["build"]
-    tasks = build["tasks"]
+    tasks = build["plan"]["tasks"]
     if models is None:
         missing = [t for t, s in zip(tasks, build["specs"]) if s is None]
         if missing:

@@ -15,7 +15,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -343,8 +343,3 @@ def _plain_copy(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain_copy(v) for v in value]
     return value
-
-
-def level_shapes(levels: Sequence[FusionLevel]) -> list[list[tuple[int, ...]]]:
-    """The (N, C, H, W) shapes per level and task."""
-    return [list(level.shapes) for level in levels]

@@ -176,7 +176,7 @@ def share(
         children[task] = copy.deepcopy(module)
     needs_train = any(t.train_graph_module is not None for t in traced)
     graphs, flats = emit_graphs(
-        lambda train: trunk_ir(traced, split_plan, train=train, module=SHARED),
+        lambda train: trunk_ir(traced, split_plan, train=True, module=SHARED) if train else eval_ir,
         needs_train=needs_train,
     )
     return rebuild(

@@ -45,6 +45,7 @@ __all__ = [
     "TracedModel",
     "trace_model",
     "default_example_input",
+    "parameter_placement",
     "module_modes",
     "restore_module_modes",
     "QUALNAME",
@@ -272,7 +273,8 @@ def default_example_input(model: nn.Module) -> torch.Tensor:
     return torch.randn(1, *size)
 
 
-def _parameter_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype] | None:
+def parameter_placement(model: nn.Module) -> tuple[torch.device, torch.dtype] | None:
+    """(device, dtype) of the first floating-point parameter or buffer of ``model``, or None."""
     for tensor in (*model.parameters(), *model.buffers()):
         if tensor.is_floating_point():
             return tensor.device, tensor.dtype
@@ -452,7 +454,7 @@ def trace_model(
             f"task {task!r}: example_input has shape {tuple(example_input.shape)}; nddrify fuses "
             "image models and needs a 4-D N×C×H×W batch, e.g. torch.randn(1, 3, 224, 224)."
         )
-    placement = _parameter_device_dtype(model)
+    placement = parameter_placement(model)
     if placement is not None:
         example_input = example_input.to(*placement)
     tracer_kwargs = _tracer_kwargs(options.leaf_modules, options.autowrap_functions)

@@ -43,6 +43,8 @@ from nddrify.layers import FusionLayer, NDDRShortcutLayer
 from nddrify.meta import SEGMENT_META_KEY, TASK_META_KEY, fused_plan
 from nddrify.rewriting.emit import GraphWriter
 from nddrify.rewriting.ir import Junction, RewriteIR, task_segments
+from nddrify.tasks import TracedSet
+from nddrify.tracing import trace_model
 
 from .configs import RecipeConfig
 from .errors import DatasetFormatError, RecipeError
@@ -276,16 +278,18 @@ def add_single_shortcut(
         >>> tuple(net(torch.randn(2, 3, 32, 32)).shape)
         (2, 3, 8, 8)
     """
-    traced = nddrify.trace([model, model], example_input=example_input)
-    if traced[0].train_graph_module is not None:
+    single = trace_model(model, example_input=example_input)
+    if single.train_graph_module is not None:
         raise RecipeError(
             f"{type(model).__name__} traces to different train and eval graphs; the single-task "
             "shortcut needs one graph (use nn.Dropout modules instead of F.dropout)."
         )
+    # planning pairs tasks: the one traced model stands in for both (traced once)
+    traced = TracedSet((single, replace(single, task="task1")))
     plan = nddrify.plan(traced, points)
     level_points = [level.points[0] for level in plan.levels]
     segments = task_segments(
-        traced[0], plan.points("task0"), [p.name for p in level_points], train=False
+        single, plan.points("task0"), [p.name for p in level_points], train=False
     )
     last = len(plan.levels) - 1
     ir = RewriteIR((segments,), (Junction("across", last, "shortcut"),), as_dict=False, single=True)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import operator
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +38,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..meta import JUNCTION_META_KEY, QUALNAME, TASK_META_KEY, is_inplace
+from ..rewriting.emit import identifier
 from .analysis import tensor_meta
 from .modules import cat_task_channels, wide_module
 from .registry import batched_form
@@ -103,10 +103,6 @@ def _qualname(node: fx.Node) -> str:
     return str(node.meta.get(QUALNAME, node.name))
 
 
-def _identifier(text: str) -> str:
-    return re.sub(r"\W", "_", text)
-
-
 # ----------------------------------------------------------------------------------------------
 # Building the batched graph
 
@@ -166,7 +162,7 @@ class BatchedGraphBuilder:
             return self.env[nodes[0]][1]
         key = tuple(nodes)
         if key not in self.stacked:
-            name = f"{_WIDE_ROOT}_{_identifier(_qualname(nodes[0]))}"
+            name = f"{_WIDE_ROOT}_{identifier(_qualname(nodes[0]))}"
             self.stacked[key] = self.graph.create_node(
                 "call_function", torch.cat, ([self.to_task(n) for n in nodes], 1), name=name
             )
@@ -268,7 +264,7 @@ class BatchedGraphBuilder:
                 self.emit_per_task(node)
             return PerTaskOperation(_qualname(nodes[0]), why or "", reason is not None)
         first = nodes[0]
-        name = f"{_WIDE_ROOT}_{_identifier(_qualname(first))}"
+        name = f"{_WIDE_ROOT}_{identifier(_qualname(first))}"
         if rule == "size":
             args, kwargs = self.map_args(nodes, lambda group: self.to_task(group[0]))
             new = self.graph.create_node(first.op, first.target, args, kwargs, name=name)

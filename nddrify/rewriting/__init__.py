@@ -29,10 +29,11 @@ from ..errors import PlanError
 from ..graph_analysis import feature_shape
 from ..kinds import kind_from_record, shortcut_from_record
 from ..layers import Shortcut, as_shortcut
-from ..meta import BUILD_META_KEY, PLAN_META_KEY, QUALNAME, TASK_META_KEY
+from ..meta import BUILD_META_KEY, PLAN_META_KEY, QUALNAME
 from ..plans import Plan
 from ..protocol import FusionKind, check_fusion_kind, spanning
 from ..tasks import TracedSet
+from ..tracing import parameter_placement
 from .emit import GraphWriter, identifier
 from .ir import RewriteIR, fused_ir
 from .module import FusedGraphModule, portable_graph, rebuild
@@ -46,19 +47,7 @@ __all__ = [
     "rebuild",
     "portable_graph",
     "identifier",
-    "placement",
-    "PLAN_META_KEY",
-    "TASK_META_KEY",
 ]
-
-
-def placement(modules: Any) -> dict[str, Any]:
-    """``{"device": ..., "dtype": ...}`` of the first floating-point tensor of ``modules``."""
-    for model in modules:
-        for tensor in (*model.parameters(), *model.buffers()):
-            if tensor.is_floating_point():
-                return {"device": tensor.device, "dtype": tensor.dtype}
-    return {}
 
 
 def _check_shapes(traced: TracedSet, plan: Plan) -> None:
@@ -125,7 +114,8 @@ def rewrite(
         shortcut_from_record(plan.shortcut) if shortcut is None else as_shortcut(shortcut)
     )
     _check_shapes(traced, plan)
-    where = placement(traced.modules)
+    found = next(filter(None, map(parameter_placement, traced.modules)), None)
+    where = dict(zip(("device", "dtype"), found)) if found is not None else {}
     mode = traced.modules[0].training
 
     root = nn.Module()
@@ -156,7 +146,6 @@ def rewrite(
 def build_record(traced: TracedSet, plan: Plan) -> dict[str, Any]:
     """What ``nddrify.save`` stores to rebuild a fused model: plain values only."""
     return {
-        "tasks": list(plan.tasks),
         "as_dict": traced.as_dict,
         "specs": list(traced.specs),
         "example_input_shape": list(traced.example_input.shape),
