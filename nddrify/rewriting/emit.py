@@ -108,9 +108,7 @@ class GraphWriter:
         meta = {k: v for k, v in node.meta.items() if k != MODULE_CALLS}
         return {**meta, TASK_META_KEY: prefix, SEGMENT_META_KEY: level}
 
-    def _whole_call(
-        self, k: int, nodes: Sequence[fx.Node], start: int, inside: set[fx.Node]
-    ) -> ModuleCall | None:
+    def _whole_call(self, k: int, nodes: Sequence[fx.Node], start: int) -> ModuleCall | None:
         """The longest recorded submodule call that starts at ``nodes[start]`` and can run as
         one call: its nodes are the next ones of the segment, no fusion point lies inside it
         (its result may be one), and nothing outside it reads its inner nodes."""
@@ -119,7 +117,7 @@ class GraphWriter:
             if end > len(nodes) or tuple(nodes[start:end]) != call.nodes:
                 continue
             inner = set(call.nodes[:-1])
-            if inner & self.point_sets[k] or not inner <= inside:
+            if inner & self.point_sets[k]:
                 continue
             members = set(call.nodes)
             if all(set(n.users) <= members for n in inner):
@@ -130,10 +128,9 @@ class GraphWriter:
         """Copy task ``k``'s segment ``level`` under ``prefix`` (``prefix.`` on module and
         attribute targets, ``prefix_`` on node names), mapping arguments through ``env``."""
         nodes = self.ir.tasks[k].segments[level]
-        inside = set(nodes)
         index = 0
         while index < len(nodes):
-            call = self._whole_call(k, nodes, index, inside) if self.collapse else None
+            call = self._whole_call(k, nodes, index) if self.collapse else None
             if call is not None:
                 new = self.graph.create_node(
                     "call_module",
