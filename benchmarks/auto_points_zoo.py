@@ -6,7 +6,7 @@ eval mode), traces it with :func:`nddrify.tracing.trace_model`, and compares two
 
 * the **oracle**: ``traced.node(module)`` for every ``module`` declared in ``model.feature_info``
   (the stages timm's ``features_only`` wrapper returns);
-* the **auto points**: :func:`nddrify.graph_analysis.stage_ends` on the traced graph. That function
+* the **auto points**: :func:`nddrify.graph_analysis.auto_points` on the traced graph (stage ends, with token stages). That function
   reads the graph alone (op types, shapes, dominators, module nesting); it never sees
   ``feature_info`` nor any model-specific name, so the figure measures the heuristics, not a lookup.
 
@@ -22,6 +22,10 @@ Two agreement figures are reported, per level and per model:
   ("a parameter-free pool right after counts as agreement"): timm's ResNet family declares ``act1``
   where nddrify cuts at ``maxpool`` right after it (and DenseNet ``norm0`` against ``pool0``);
   torchvision ResNets must give ``maxpool``, so the two conventions cannot both hold by rule.
+
+A second, oracle-free criterion asks whether the auto points are **sensible stage ends** (see
+:func:`sensible`): every point ends a stage of the trunk, none lies inside a block, every
+resolution of the trunk gets a point, none is in the head.
 
 A model agrees when both lists have the same length and every level agrees. Declared stages may
 be NCHW or NHWC image maps (compared by their logical N×C×H×W shape, ``feature_shape``); a model
@@ -53,7 +57,19 @@ import torch.fx as fx
 from model_sweep import read_zoo  # benchmarks/ is on sys.path when run as a script
 
 import nddrify
-from nddrify.graph_analysis import annotate, feature_shape, shape_of, stage_ends, stage_module
+from nddrify.graph_analysis import (
+    annotate,
+    auto_points,
+    enclosing_block,
+    feature_shape,
+    is_token_sequence,
+    shape_of,
+    spine,
+    stage_module,
+)
+from nddrify.graph_analysis.nodes import is_pool
+from nddrify.graph_analysis.spine import head_nodes, trunk_target
+from nddrify.graph_analysis.tokens import token_area, token_blocks, token_spine
 
 DEFAULT_ZOO = Path(__file__).resolve().parents[2] / "shared" / "dev-zoo.txt"  # ../shared
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -74,6 +90,132 @@ AGREEMENT_DEFINITION = (
     "3-D token sequence at the traced node cannot agree (nddrify offers image maps only). No "
     "model is counted as agreeing by hand."
 )
+
+
+SENSIBLE_DEFINITION = (
+    "**Sensible stage ends** (graph only, no oracle): on the spine (the dominator chain from the "
+    "input to the trunk's deepest map), (a) every auto point is a stage end: the last spine node "
+    "at its resolution before the next downsampling (spine nodes after it at that resolution may "
+    "only belong to the module that performs the downsampling, e.g. the expansion conv of a "
+    "strided inverted-residual block), a parameter-free pool applied to the spine (it closes the "
+    "stage at its input's resolution: VGG pools, a ResNet stem's max-pool), or the end of the "
+    "trunk; (b) no point lies strictly inside a block (`enclosing_block(point) is None`: not "
+    "inside a residual, branch-merging, attention/SE/gating or pyramid branch); (c) every "
+    "resolution of the trunk that holds a parametrised spine node gets a point (a pool's point "
+    "also covers its input's resolution); (d) no point is in the head (the final prediction "
+    "conv/linear and the pass-through ops after it, or anything after the trunk's deepest map). "
+    "Models whose declared stages are token sequences are reported as 'token stages (handled "
+    "separately)': the image-map criterion is still evaluated on their map spine but they are "
+    "counted apart."
+)
+
+
+def _resolution(node: fx.Node) -> tuple[int, int]:
+    shape = feature_shape(node)
+    return (shape[2], shape[3])
+
+
+def _ancestor_modules(node: fx.Node) -> set[str]:
+    parts = node.meta.get("qualname", "").split(".")
+    if node.op != "call_module":
+        parts = parts[:-1]
+    return {".".join(parts[: i + 1]) for i in range(len(parts))}
+
+
+def _internal(node: fx.Node, nodes: list[fx.Node], points: list[fx.Node]) -> bool:
+    """True when ``node`` lies in a module that goes on to a lower resolution and holds no point
+    before its output (a multi-resolution stem, a downsampling block): its resolution is a
+    step inside that module, not a stage of the trunk."""
+    later = nodes[nodes.index(node) + 1 :]
+    for module in _ancestor_modules(node):
+        members = [n for n in later if module in _ancestor_modules(n)]
+        if not any(_resolution(n) != _resolution(node) for n in members):
+            continue
+        last = members[-1]
+        inside = [p for p in points if module in _ancestor_modules(p) and p is not last]
+        if not inside:
+            return True
+    return False
+
+
+def sensible(graph: fx.Graph, points: list[fx.Node]) -> tuple[bool, list[str]]:
+    """Whether ``points`` are sensible stage ends of ``graph`` (see ``SENSIBLE_DEFINITION``), and
+    the reasons when not."""
+    nodes = spine(graph)
+    reasons: list[str] = []
+    if not nodes:
+        return (not points), ([] if not points else ["points but no image-map spine"])
+    target = trunk_target(graph)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    index = {n: i for i, n in enumerate(nodes)}
+    head = head_nodes(graph)
+    covered: set[tuple[int, int]] = set()
+    for point in points:
+        name = point.meta.get("qualname", point.name)
+        if point in head or (target is not None and order[point] > order[target]):
+            reasons.append(f"{name} is in the head")
+            continue
+        block = enclosing_block(point, graph)
+        if block is not None:
+            reasons.append(f"{name} lies inside block {block}")
+        if point not in index:
+            reasons.append(f"{name} is not on the spine")
+            continue
+        i = index[point]
+        covered.add(_resolution(point))
+        inputs = [n for n in point.all_input_nodes if n in index]
+        if is_pool(point) and inputs:
+            covered.add(_resolution(inputs[0]))
+            continue
+        if all(
+            _resolution(n) == _resolution(point) and not _has_parameters(n) for n in nodes[i + 1 :]
+        ):
+            continue  # the end of the trunk (up to parameter-free ops)
+        later = [n for n in nodes[i + 1 :] if _resolution(n) == _resolution(point)]
+        down = next((n for n in nodes[i + 1 :] if _resolution(n) != _resolution(point)), None)
+        if down is None:
+            continue
+        run = [n for n in later if order[n] < order[down] and not equivalent(point, n)]
+        mine = _ancestor_modules(point)
+        owner = _ancestor_modules(down) - mine
+        if any(not (_ancestor_modules(n) & owner) for n in run):
+            reasons.append(f"{name} is not the last node at its resolution before downsampling")
+    for node in nodes:
+        res = _resolution(node)
+        if _has_parameters(node) and res not in covered and not _internal(node, nodes, points):
+            reasons.append(f"resolution {'x'.join(map(str, res))} has no point")
+            covered.add(res)
+    return not reasons, reasons
+
+
+def sensible_tokens(graph: fx.Graph, points: list[fx.Node]) -> tuple[bool, list[str]]:
+    """The criterion for a trunk that runs on token sequences: (a) every token point is a
+    block's output, (b) no point lies inside a block, (c) every token stage (token count of the
+    blocks) gets a point (a token point, or its map at the same number of positions), (d) no
+    point after the last block except that stage's output laid out as a map."""
+    blocks = token_blocks(graph, token_spine(graph))
+    ends = {node for _, node in blocks}
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    reasons: list[str] = []
+    areas = set()
+    for point in points:
+        name = point.meta.get("qualname", point.name)
+        if enclosing_block(point, graph) is not None:
+            reasons.append(f"{name} lies inside block {enclosing_block(point, graph)}")
+        if is_token_sequence(point):
+            areas.add(token_area(point))
+            if ends and order[point] > max(order[n] for n in ends):
+                reasons.append(f"{name} comes after the last block")
+            elif point not in ends:
+                reasons.append(f"{name} is not a block's output")
+        else:
+            shape = feature_shape(point)
+            areas.add(shape[2] * shape[3])
+    for _, node in blocks:
+        if token_area(node) not in areas:
+            reasons.append(f"token stage with {token_area(node)} positions has no point")
+            areas.add(token_area(node))
+    return not reasons, reasons
 
 
 def _has_parameters(node: fx.Node) -> bool:
@@ -172,6 +314,22 @@ def _oracle_layout_problem(info: list[dict], nodes: list[fx.Node]) -> str | None
     return None
 
 
+def _declares_tokens(info: list[dict], traced: nddrify.tracing.TracedModel) -> bool:
+    """True when a declared stage is a token sequence (N×L×C), or a declared module has no traced
+    node in a graph that runs mostly on token sequences (3-D values: MViTv2, Twins)."""
+    for entry in info:
+        try:
+            node = traced.node(entry["module"])
+        except KeyError:
+            shapes = [shape_of(n) for n in traced.graph.nodes]
+            shapes = [s for s in shapes if s is not None]
+            return sum(len(s) == 3 for s in shapes) >= len(shapes) / 4
+        shape = shape_of(node)
+        if feature_shape(node) is None and (shape is None or len(shape) != 4):
+            return True
+    return False
+
+
 def evaluate(name: str) -> dict:
     """One row of the benchmark for the timm model ``name``."""
     import timm
@@ -190,6 +348,9 @@ def evaluate(name: str) -> dict:
         "seconds": None,
         "stage_ends_ms": None,
         "note": "",
+        "sensible": False,
+        "sensible_reasons": [],
+        "token_stages": False,
     }
     start = time.perf_counter()
     try:
@@ -197,9 +358,6 @@ def evaluate(name: str) -> dict:
         model = timm.create_model(name, pretrained=False).eval()
         info = list(getattr(model, "feature_info", None) or [])
         info = [dict(e) for e in info if isinstance(e, dict) and e.get("module")]
-        if not info:
-            row["note"] = "no feature_info declared"
-            return row
         try:
             traced = nddrify.tracing.trace_model(model)
         except Exception as err:
@@ -207,6 +365,20 @@ def evaluate(name: str) -> dict:
             return row
         row["traced"] = True
         graph = annotate(traced.graph)
+        t0 = time.perf_counter()
+        auto_nodes = auto_points(graph)
+        row["stage_ends_ms"] = round((time.perf_counter() - t0) * 1000, 2)
+        row["auto"] = [stage_module(n, auto_nodes, graph) for n in auto_nodes]
+        row["auto_nodes"] = [n.meta["qualname"] for n in auto_nodes]
+        row["auto_shapes"] = [_shape(n) for n in auto_nodes]
+        if any(is_token_sequence(n) for n in auto_nodes):
+            row["sensible"], row["sensible_reasons"] = sensible_tokens(graph, auto_nodes)
+        else:
+            row["sensible"], row["sensible_reasons"] = sensible(graph, auto_nodes)
+        row["token_stages"] = _declares_tokens(info, traced)
+        if not info:
+            row["note"] = "no feature_info declared"
+            return row
         oracle_nodes = []
         for entry in info:
             try:
@@ -217,13 +389,6 @@ def evaluate(name: str) -> dict:
         row["oracle"] = [e["module"] for e in info]
         row["oracle_nodes"] = [n.meta["qualname"] for n in oracle_nodes]
         row["oracle_shapes"] = [_shape(n) for n in oracle_nodes]
-
-        t0 = time.perf_counter()
-        auto_nodes = stage_ends(graph)
-        row["stage_ends_ms"] = round((time.perf_counter() - t0) * 1000, 2)
-        row["auto"] = [stage_module(n, auto_nodes, graph) for n in auto_nodes]
-        row["auto_nodes"] = [n.meta["qualname"] for n in auto_nodes]
-        row["auto_shapes"] = [_shape(n) for n in auto_nodes]
 
         levels = [
             i < len(auto_nodes) and equivalent(o, auto_nodes[i]) for i, o in enumerate(oracle_nodes)
@@ -273,12 +438,33 @@ def _figures(rows: list[dict], model_key: str, level_key: str) -> tuple[str, str
     return models, level_line
 
 
+def _sensible_mark(row: dict) -> str:
+    mark = "yes" if row["sensible"] else "no"
+    return f"{mark} (tokens)" if row["token_stages"] else mark
+
+
+def _sensible_figures(rows: list[dict]) -> str:
+    maps = [r for r in rows if not r["token_stages"]]
+    tokens = len(rows) - len(maps)
+    ok = sum(r["sensible"] for r in maps)
+    inside = sum(
+        1 for r in rows for reason in r["sensible_reasons"] if "lies inside block" in reason
+    )
+    head = sum(1 for r in rows for reason in r["sensible_reasons"] if "is in the head" in reason)
+    return (
+        f"{ok}/{len(maps)} image-map models, {sum(r['sensible'] for r in rows)}/{len(rows)} all "
+        f"models ({tokens} with token stages handled separately); {inside} points inside blocks, "
+        f"{head} points in the head"
+    )
+
+
 def write_markdown(rows: list[dict], path: Path, command: str) -> str:
     strict_models, strict_levels = _figures(rows, "agree", "levels_agree")
     adj_models, adj_levels = _figures(rows, "agree_adjacent", "levels_adjacent")
+    sens = _sensible_figures(rows)
     summary = (
         f"strict: {strict_models}, {strict_levels}; "
-        f"adjacent (pool right after counts): {adj_models}, {adj_levels}"
+        f"adjacent (pool right after counts): {adj_models}, {adj_levels}; sensible: {sens}"
     )
     import timm
 
@@ -288,6 +474,7 @@ def write_markdown(rows: list[dict], path: Path, command: str) -> str:
         f"- **Strict agreement: {strict_models}**; {strict_levels}.",
         f"- **Adjacent agreement (a parameter-free pool right after the declared node counts): "
         f"{adj_models}**; {adj_levels}.",
+        f"- **Sensible stage ends: {sens}**.",
         "",
         f"- date: {datetime.date.today().isoformat()}",
         f"- python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}",
@@ -297,12 +484,15 @@ def write_markdown(rows: list[dict], path: Path, command: str) -> str:
         "",
         "**Agreement.** " + AGREEMENT_DEFINITION,
         "",
-        "Columns: *strict* / *adjacent* say whether the model agrees under each definition; "
-        "*levels* marks each declared level ✓ (strict), ≈ (adjacent only) or ✗.",
+        SENSIBLE_DEFINITION,
         "",
-        "| model | strict | adjacent | levels | oracle (`feature_info`) | auto (`stage_ends`) "
-        "| shapes (oracle / auto) | s | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Columns: *strict* / *adjacent* say whether the model agrees under each definition; "
+        "*levels* marks each declared level ✓ (strict), ≈ (adjacent only) or ✗; *sensible* is the "
+        "oracle-free criterion (`tokens` when the declared stages are token sequences).",
+        "",
+        "| model | strict | adjacent | sensible | levels | oracle (`feature_info`) "
+        "| auto (`stage_ends`) | shapes (oracle / auto) | s | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         marks = [
@@ -312,11 +502,31 @@ def write_markdown(rows: list[dict], path: Path, command: str) -> str:
         lv = "".join(marks) or "-"
         lines.append(
             f"| {r['model']} | {'yes' if r['agree'] else 'no'} | "
-            f"{'yes' if r['agree_adjacent'] else 'no'} | {lv} | "
+            f"{'yes' if r['agree_adjacent'] else 'no'} | {_sensible_mark(r)} | {lv} | "
             f"{', '.join(r['oracle'])} | {', '.join(r['auto'])} | "
             f"{_fmt_shapes(r['oracle_shapes'])} / {_fmt_shapes(r['auto_shapes'])} | "
             f"{r['seconds']} | {r['note'].replace('|', '/')} |"
         )
+    not_sensible = [r for r in rows if not r["sensible"] and not r["token_stages"]]
+    tokens = [r for r in rows if r["token_stages"]]
+    lines += [
+        "",
+        f"Models whose auto points are not sensible stage ends ({len(not_sensible)}):",
+        "",
+    ]
+    lines += [
+        f"- `{r['model']}`: {'; '.join(r['sensible_reasons']) or r['note']}" for r in not_sensible
+    ]
+    lines += [
+        "",
+        f"Token stages (handled separately) ({len(tokens)}): image-map criterion on their map "
+        "spine shown for information.",
+        "",
+    ]
+    lines += [
+        f"- `{r['model']}`: {'sensible' if r['sensible'] else '; '.join(r['sensible_reasons'])}"
+        for r in tokens
+    ]
     failing = [r for r in rows if not r["agree_adjacent"]]
     lines += ["", f"Models disagreeing under the adjacent definition ({len(failing)}):", ""]
     lines += [f"- `{r['model']}`: {r['note'] or 'see table'}" for r in failing]
@@ -342,7 +552,10 @@ def main(argv: list[str] | None = None) -> int:
         row = evaluate(name)
         rows.append(row)
         mark = "AGREE" if row["agree"] else ("ADJAC" if row["agree_adjacent"] else "-----")
-        print(f"{mark} {name:36s} {row['seconds']:>6}s  {row['note']}", flush=True)
+        sens = "SENSIBLE" if row["sensible"] else "--------"
+        print(f"{mark} {sens} {name:36s} {row['seconds']:>6}s  {row['note']}", flush=True)
+        if not row["sensible"]:
+            print(f"      sensible: {row['sensible_reasons']}")
         if not row["agree_adjacent"] and row["traced"]:
             print(
                 f"      oracle {row.get('oracle_nodes', [])}\n      auto   {row.get('auto_nodes', [])}"

@@ -36,8 +36,10 @@ from torch import nn
 
 from .errors import FusionConfigError
 from .layers.base import (
+    FeatureLayout,
     FusionLayer,
     Init,
+    as_layouts,
     block_diagonal,
     check_init,
     check_positive_int,
@@ -94,7 +96,7 @@ class CrossStitchLayer(FusionLayer):
         *,
         per_channel: bool = False,
         init: Init = None,
-        channels_last: Sequence[bool] | None = None,
+        layouts: Sequence[FeatureLayout | str | bool] | None = None,
     ) -> None:
         super().__init__()
         alpha, beta = _pair(init, num_tasks, "cross-stitch")
@@ -102,16 +104,21 @@ class CrossStitchLayer(FusionLayer):
         if per_channel:
             weight = weight[:, :, None].repeat(1, 1, channels)
         self.weight = nn.Parameter(weight)
-        self.channels_last = tuple(channels_last or (False,) * num_tasks)
+        self.layouts = as_layouts(layouts, num_tasks)
+
+    @property
+    def channels_last(self) -> tuple[bool, ...]:
+        """Per task, whether its maps are N×H×W×C."""
+        return tuple(layout.name == "NHWC" for layout in self.layouts)
 
     def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        maps = to_nchw(features, self.channels_last)
+        maps = to_nchw(features, self.layouts)
         weight = self.weight if self.weight.dim() == 3 else self.weight[:, :, None]
         mixed = [  # one fresh tensor per task (not views of a stacked result)
             sum(weight[i, j].view(1, -1, 1, 1) * x_j for j, x_j in enumerate(maps))
             for i in range(len(maps))
         ]
-        return from_nchw(mixed, self.channels_last)
+        return from_nchw(mixed, self.layouts, features)
 
 
 @dataclass(frozen=True)
@@ -152,7 +159,7 @@ class CrossStitch:
             channels,
             per_channel=self.per_channel,
             init=self.init,
-            channels_last=level.channels_last,
+            layouts=level.layouts,
         )
 
     def num_parameters(self, level: FusionLevel) -> tuple[int, int]:
@@ -184,7 +191,7 @@ class SluiceLayer(FusionLayer):
         subspaces: int = 2,
         *,
         init: Init = None,
-        channels_last: Sequence[bool] | None = None,
+        layouts: Sequence[FeatureLayout | str | bool] | None = None,
     ) -> None:
         super().__init__()
         if subspaces < 1 or channels % subspaces:
@@ -197,10 +204,15 @@ class SluiceLayer(FusionLayer):
         weight = block_diagonal([subspaces] * num_tasks, [subspaces] * num_tasks, alpha, beta)
         self.weight = nn.Parameter(weight)
         self.subspaces = subspaces
-        self.channels_last = tuple(channels_last or (False,) * num_tasks)
+        self.layouts = as_layouts(layouts, num_tasks)
+
+    @property
+    def channels_last(self) -> tuple[bool, ...]:
+        """Per task, whether its maps are N×H×W×C."""
+        return tuple(layout.name == "NHWC" for layout in self.layouts)
 
     def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        maps = to_nchw(features, self.channels_last)
+        maps = to_nchw(features, self.layouts)
         n, c, h, w = maps[0].shape
         k, s = len(maps), self.subspaces
         stacked = torch.stack(maps).reshape(k, n, s, c // s, h, w).transpose(1, 2)
@@ -209,7 +221,7 @@ class SluiceLayer(FusionLayer):
         outputs = [  # cat gives each task its own tensor (not a view of the mixed stack)
             torch.cat(list(mixed[i * s : (i + 1) * s]), dim=1) for i in range(k)
         ]
-        return from_nchw(outputs, self.channels_last)
+        return from_nchw(outputs, self.layouts, features)
 
 
 class LayerStitchLayer(FusionLayer):
@@ -291,7 +303,7 @@ class Sluice:
             channels,
             self.subspaces,
             init=self.init,
-            channels_last=level.channels_last,
+            layouts=level.layouts,
         )
 
     def num_parameters(self, level: FusionLevel) -> tuple[int, int]:

@@ -97,6 +97,17 @@ def save(
     )
 
 
+def _example_inputs(build: Mapping[str, Any]) -> torch.Tensor | list[torch.Tensor] | None:
+    """Zeros of the recorded example input shape(s): one per task when the tasks' differed
+    (the fused model then takes one input per task), else one for all (older checkpoints record
+    ``example_input_shape`` only)."""
+    shapes = build.get("example_input_shapes")
+    if shapes and len({tuple(s) for s in shapes}) > 1:
+        return [torch.zeros(shape) for shape in shapes]
+    example = build.get("example_input_shape")
+    return None if example is None else torch.zeros(example)
+
+
 def load(
     path: str | os.PathLike[str],
     models: Sequence[nn.Module] | Mapping[str, nn.Module] | None = None,
@@ -139,10 +150,9 @@ def load(
         chosen = list(models)
         if len(chosen) != len(tasks):
             raise ModelsError(f"got {len(chosen)} models for the checkpoint's tasks {tasks}.")
-    example = build["example_input_shape"]
     traced = trace(
         dict(zip(tasks, chosen)) if build["as_dict"] else chosen,
-        example_input=None if example is None else torch.zeros(example),
+        example_input=_example_inputs(build),
         options=trace_options,
     )
     fused = rewrite(traced, Plan.from_dict(build["plan"]))

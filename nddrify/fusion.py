@@ -7,12 +7,16 @@ Example:
     >>> seg_out, normal_out = fused(torch.randn(1, 3, 224, 224))
     >>> seg_out.shape
     torch.Size([1, 1000])
+
+Models whose forward cannot be traced (detectors) fuse through a submodule:
+``nddrify.fuse({"det": det, "seg": seg}, within="backbone")`` returns task models sharing the fused
+backbones (:mod:`nddrify.submodules`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import nn
@@ -21,9 +25,46 @@ from .kinds import UNSET, fusion_factory
 from .layers import Activation, Init, Norm, ResizeMode, Shortcut
 from .planning import Points, plan
 from .rewriting import FusedGraphModule, rewrite
+from .submodules import SharedTrunkModels, Within, fuse_within
 from .tasks import TaskOptions, trace
 
 __all__ = ["fuse"]
+
+
+@overload
+def fuse(
+    models: Sequence[nn.Module | str] | Mapping[str, nn.Module | str],
+    points: Points = "auto",
+    *,
+    init: Init = UNSET,
+    norm: Norm = UNSET,
+    activation: Activation = UNSET,
+    fusion: Any = None,
+    subspaces: int | None = None,
+    shortcut: bool | Shortcut = False,
+    resize: bool | ResizeMode = False,
+    example_input: torch.Tensor | None = None,
+    trace_options: TaskOptions = None,
+    within: None = None,
+) -> FusedGraphModule: ...
+
+
+@overload
+def fuse(
+    models: Sequence[nn.Module | str] | Mapping[str, nn.Module | str],
+    points: Points = "auto",
+    *,
+    init: Init = UNSET,
+    norm: Norm = UNSET,
+    activation: Activation = UNSET,
+    fusion: Any = None,
+    subspaces: int | None = None,
+    shortcut: bool | Shortcut = False,
+    resize: bool | ResizeMode = False,
+    example_input: torch.Tensor | None = None,
+    trace_options: TaskOptions = None,
+    within: Within,
+) -> SharedTrunkModels: ...
 
 
 def fuse(
@@ -39,7 +80,8 @@ def fuse(
     resize: bool | ResizeMode = False,
     example_input: torch.Tensor | None = None,
     trace_options: TaskOptions = None,
-) -> FusedGraphModule:
+    within: Within | None = None,
+) -> FusedGraphModule | SharedTrunkModels:
     """Fuse K single-task models into one multi-task GraphModule with NDDR layers.
 
     The models are traced (never modified, :func:`nddrify.trace`), fusion points are chosen
@@ -67,13 +109,23 @@ def fuse(
         subspaces: the number of subspaces per task for ``fusion="sluice"`` (default 2).
         shortcut: add the NDDR-Shortcut (``True`` or ``nddrify.Shortcut(resize_mode=...)``).
         resize: allow points with different H×W across tasks (``True`` or a resize mode).
-        example_input: input used to propagate shapes (default 1×3×224×224).
+        example_input: input used to propagate shapes (default 1×3×224×224): one tensor for all
+            tasks, or one per task (a list, or a dict task → tensor) when the models need
+            different sizes; the fused model then takes one input per task (see
+            :func:`nddrify.trace`).
         trace_options: :class:`nddrify.TraceOptions` (leaf modules, autowrapped functions,
             concrete arguments), one for all tasks or one per task.
+        within: fuse a named submodule of each model instead of the whole model, for models
+            whose forward cannot be traced (a detector's ``"backbone"``): one name for all
+            tasks, one per task, or a dict task → name. All the options above then apply to the
+            submodules (point names relative to them), and K task models sharing the fused
+            trunk come back (see :mod:`nddrify.submodules` for how the tasks must feed it).
 
     Returns:
         A :class:`~nddrify.rewriting.FusedGraphModule`; ``fused.meta["nddrify_plan"]`` holds its
-        :class:`~nddrify.Plan`.
+        :class:`~nddrify.Plan`. With ``within``, a
+        :class:`~nddrify.submodules.SharedTrunkModels`: task name → a copy of the task's model
+        whose submodule runs the shared fused trunk (the originals are untouched).
 
     Example:
         >>> import torch, torchvision, nddrify
@@ -84,6 +136,21 @@ def fuse(
         >>> bool((out["a"] - a(x)).abs().max() < 1e-5)
         True
     """
+    if within is not None:
+        return fuse_within(
+            models,
+            within,
+            points,
+            init=init,
+            norm=norm,
+            activation=activation,
+            fusion=fusion,
+            subspaces=subspaces,
+            shortcut=shortcut,
+            resize=resize,
+            example_input=example_input,
+            trace_options=trace_options,
+        )
     kind = fusion_factory(
         fusion, init=init, norm=norm, activation=activation, resize=resize, subspaces=subspaces
     )

@@ -4,8 +4,11 @@ them, in one place.
 Node meta (on traced and fused graphs):
 
 * :data:`QUALNAME` — the torchvision-style node name (``"layer1.0.relu"``), written by tracing.
-* :data:`LAYOUT` — ``"NCHW"`` or ``"NHWC"`` for image feature maps, else ``None``; and
-  :data:`NONNEGATIVE` — ``True`` when the value is known to be ≥ 0 (after a ReLU, say); both
+* :data:`LAYOUT` — ``"NCHW"`` or ``"NHWC"`` for image feature maps, ``"NLC"`` for token
+  sequences (N × tokens × channels, a transformer's blocks), else ``None``;
+  :data:`TOKENS` — on ``"NLC"`` nodes, a :class:`~nddrify.graph_analysis.TokenGrid` (how many
+  extra tokens lead the sequence and the patch grid behind them, when known); and
+  :data:`NONNEGATIVE` — ``True`` when the value is known to be ≥ 0 (after a ReLU, say); all
   written by :func:`nddrify.graph_analysis.annotate`.
 * :data:`MODULE_CALLS` — on the last node a submodule's forward produced: the
   :class:`ModuleCall` records of the submodules (innermost first) whose whole forward is the run
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "QUALNAME",
     "LAYOUT",
+    "TOKENS",
     "NONNEGATIVE",
     "MODULE_CALLS",
     "TASK_META_KEY",
@@ -62,6 +66,7 @@ __all__ = [
 
 QUALNAME = "qualname"
 LAYOUT = "nddrify_layout"
+TOKENS = "nddrify_tokens"
 NONNEGATIVE = "nddrify_nonnegative"
 MODULE_CALLS = "nddrify_module_calls"
 TASK_META_KEY = "nddrify_task"

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import PlanError
+from .layers.base import FeatureLayout
+from .pairing import UnpairedPoint
 
 __all__ = ["Candidate", "FusionPoint", "FusionLevel", "Overhead", "Plan", "PLAN_FORMAT"]
 
@@ -50,11 +52,14 @@ class Candidate:
 
 @dataclass(frozen=True)
 class FusionPoint:
-    """One task's feature map at one fusion level.
+    """One task's feature at one fusion level.
 
-    ``shape`` is (N, C, H, W) whatever the layout; ``layout`` says how the tensor is stored
-    (``"NHWC"`` for channels-last stages such as Swin's); ``nonnegative`` whether the original
-    map was (after a ReLU, or a pool of one).
+    For an image map, ``shape`` is (N, C, H, W) whatever the layout and ``layout`` says how the
+    tensor is stored (``"NHWC"`` for channels-last stages such as Swin's). For a token sequence
+    (``layout="NLC"``, a transformer block's N × L × C output), ``shape`` is (N, C, L) and
+    ``tokens`` is ``(prefix,)`` or, when the patch grid is known, ``(prefix, H, W)``: ``prefix``
+    extra tokens (class, distillation, registers) before H·W patch tokens in raster order.
+    ``nonnegative`` says whether the original value was ≥ 0 (after a ReLU, or a pool of one).
     """
 
     task: str
@@ -63,22 +68,42 @@ class FusionPoint:
     shape: tuple[int, ...]
     nonnegative: bool
     layout: str = "NCHW"
+    tokens: tuple[int, ...] = ()
 
     @property
     def channels(self) -> int:
         return self.shape[1]
 
     @property
-    def spatial(self) -> tuple[int, int]:
+    def grid(self) -> tuple[int, int] | None:
+        """A token sequence's patch grid (H, W) when known, else None."""
+        return (self.tokens[1], self.tokens[2]) if len(self.tokens) == 3 else None
+
+    @property
+    def spatial(self) -> tuple[int, ...]:
+        """(H, W) of a map or of a token sequence's patch grid; (L,) for tokens without a grid."""
+        if self.layout == "NLC":
+            return self.grid or (self.shape[2],)
         return (self.shape[2], self.shape[3])
 
     @property
     def channels_last(self) -> bool:
         return self.layout == "NHWC"
 
+    @property
+    def feature_layout(self) -> FeatureLayout:
+        """What a fusion layer needs to know about this feature's layout."""
+        prefix = self.tokens[0] if self.tokens else 0
+        return FeatureLayout(self.layout, prefix, self.grid)
+
     def describe_shape(self) -> str:
-        """``"512×7×7"`` (C×H×W), with ``" NHWC"`` appended for channels-last maps."""
+        """``"512×7×7"`` (C×H×W), ``" NHWC"`` appended for channels-last maps; tokens as
+        ``"192×197 NLC (1+14×14)"`` (C×L, extra tokens + grid)."""
         text = "×".join(map(str, self.shape[1:]))
+        if self.layout == "NLC":
+            grid = "×".join(map(str, self.grid)) if self.grid else "?"
+            prefix = self.tokens[0] if self.tokens else 0
+            return f"{text} NLC ({prefix}+{grid})"
         return text if self.layout == "NCHW" else f"{text} {self.layout}"
 
 
@@ -87,7 +112,7 @@ class FusionLevel:
     """The K points fused by one layer, and the parameters that layer adds.
 
     Fusion kinds build their layer from a level (:meth:`nddrify.NDDR.build`), reading
-    ``shapes``, ``nonnegative`` and ``channels_last``.
+    ``shapes``, ``nonnegative`` and ``layouts`` (or ``channels_last``).
     """
 
     index: int
@@ -114,6 +139,10 @@ class FusionLevel:
     @property
     def channels_last(self) -> tuple[bool, ...]:
         return tuple(p.channels_last for p in self.points)
+
+    @property
+    def layouts(self) -> tuple[FeatureLayout, ...]:
+        return tuple(p.feature_layout for p in self.points)
 
     def describe(self) -> str:
         """``"level 2 (seg 'layer1', normal 'layer1')"`` for error messages."""
@@ -173,6 +202,9 @@ class Plan:
         fusion, shortcut: the options of a built-in fusion kind and of the shortcut as plain
             values (what :func:`nddrify.rewrite` rebuilds the layers from); ``fusion`` is None
             for a kind of your own (pass it to ``rewrite(..., fusion=...)``).
+        unpaired: the automatic points left out because no other task has a map at their
+            output stride (``points="auto"`` or an int pairs levels by stride when the models
+            differ), as :class:`~nddrify.pairing.UnpairedPoint` records; empty otherwise.
     """
 
     tasks: tuple[str, ...]
@@ -183,6 +215,7 @@ class Plan:
     fusion_kind: str = "NDDR"
     fusion: Mapping[str, Any] | None = field(default=None, compare=False)
     shortcut: Mapping[str, Any] | None = field(default=None, compare=False)
+    unpaired: tuple[UnpairedPoint, ...] = ()
 
     def points(self, task: str) -> list[str]:
         """The node names fused in ``task``, in level order."""
@@ -213,6 +246,7 @@ class Plan:
                             "shape": list(p.shape),
                             "nonnegative": p.nonnegative,
                             "layout": p.layout,
+                            "tokens": list(p.tokens),
                         }
                         for p in level.points
                     ],
@@ -227,6 +261,10 @@ class Plan:
             "fusion_kind": self.fusion_kind,
             "fusion": _plain_copy(self.fusion),
             "shortcut": _plain_copy(self.shortcut),
+            "unpaired": [
+                {"task": u.task, "name": u.name, "node": u.node, "stride": u.stride}
+                for u in self.unpaired
+            ],
         }
 
     @classmethod
@@ -255,6 +293,7 @@ class Plan:
                         shape=tuple(int(s) for s in p["shape"]),
                         nonnegative=bool(p["nonnegative"]),
                         layout=str(p.get("layout", "NCHW")),
+                        tokens=tuple(int(t) for t in p.get("tokens", ())),
                     )
                     for p in level["points"]
                 )
@@ -280,6 +319,15 @@ class Plan:
                 fusion_kind=str(data.get("fusion_kind", "NDDR")),
                 fusion=data.get("fusion"),
                 shortcut=data.get("shortcut"),
+                unpaired=tuple(
+                    UnpairedPoint(
+                        task=str(u["task"]),
+                        name=str(u["name"]),
+                        node=str(u["node"]),
+                        stride=None if u.get("stride") is None else int(u["stride"]),
+                    )
+                    for u in data.get("unpaired", ())
+                ),
             )
         except PlanError:
             raise
@@ -304,6 +352,11 @@ class Plan:
             lines.append(
                 f"  shortcut   +{self.shortcut_weights + self.shortcut_norm_params:,} params"
             )
+        if self.unpaired:
+            lines.append("  left out (no map at the same output stride in every task):")
+            for u in self.unpaired:
+                stride = "stride ?" if u.stride is None else f"stride {u.stride}"
+                lines.append(f"           {u.task:<10} {u.name:<24} {u.node:<32} {stride}")
         if self.model_params:
             lines.append(f"  overhead: {self.overhead}")
         return "\n".join(lines)
@@ -331,6 +384,10 @@ class Plan:
         if self.shortcut_weights:
             params = self.shortcut_weights + self.shortcut_norm_params
             table.add_row("", "all", "shortcut", "", "", f"{params:,}")
+        if self.unpaired:
+            for u in self.unpaired:
+                stride = "?" if u.stride is None else str(u.stride)
+                table.add_row("-", u.task, u.name, u.node, f"left out: stride {stride}", "")
         if self.model_params:
             table.caption = str(self.overhead)
         return table

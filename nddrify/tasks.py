@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters import UntraceableModelError
 from .errors import InputError, ModelsError, NddrifyError, TraceError
 from .specs import is_spec, load_spec
 from .tracing import TracedModel, TraceOptions, default_example_input, trace_model
@@ -35,12 +36,21 @@ __all__ = [
     "per_task_options",
     "traceable_trunks",
     "TaskOptions",
+    "ExampleInputs",
+    "per_task_inputs",
 ]
 
 #: One :class:`TraceOptions` for every task, one per task in task order, or a dict task → options.
 TaskOptions = TraceOptions | Sequence[TraceOptions] | Mapping[str, TraceOptions] | None
 
+#: One example input for every task, one per task in task order, or a dict task → tensor.
+ExampleInputs = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None
+
 _RESERVED = {"x", "shortcut", "shared", "self", "torch"}
+
+#: How :func:`nddrify.tracing.trace_model` words a shape-propagation failure (a model that does
+#: not run on the example input, e.g. a fixed ``nn.Linear`` after a flatten).
+_SHAPE_FAILURE = "the traced model failed on an example input"
 
 
 @dataclass(frozen=True)
@@ -142,6 +152,70 @@ def per_task_options(options: TaskOptions, names: Sequence[str]) -> tuple[TraceO
     return tuple(chosen)
 
 
+def per_task_inputs(
+    example_input: ExampleInputs, names: Sequence[str], modules: Sequence[nn.Module]
+) -> tuple[torch.Tensor, ...]:
+    """One example input per task from what the user gave: a tensor for every task (default
+    1×3×224×224, or the first model's declared input size), a list in task order, or a dict
+    task → tensor.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from nddrify.tasks import per_task_inputs
+        >>> inputs = per_task_inputs(
+        ...     {"det": torch.zeros(1, 3, 64, 64), "cls": torch.zeros(1, 3, 48, 48)},
+        ...     ["det", "cls"], [nn.Identity(), nn.Identity()])
+        >>> [tuple(x.shape[2:]) for x in inputs]
+        [(64, 64), (48, 48)]
+
+    Raises:
+        InputError: a wrong number of inputs, a dict that misses tasks or names unknown ones,
+            or an input that is not a tensor (naming the task).
+    """
+    if example_input is None:
+        return (default_example_input(modules[0]),) * len(names)
+    if isinstance(example_input, torch.Tensor):
+        return (example_input,) * len(names)
+    if isinstance(example_input, Mapping):
+        missing = [n for n in names if n not in example_input]
+        unknown = [str(k) for k in example_input if k not in names]
+        if missing or unknown:
+            extra = f"; it names unknown task(s) {unknown}" if unknown else ""
+            raise InputError(
+                f"example_input is a dict but has no entry for task(s) {missing}{extra}; the "
+                f"tasks are {list(names)}: give one tensor per task, or one tensor for all."
+            )
+        chosen = [example_input[n] for n in names]
+    elif (
+        isinstance(example_input, Sequence)
+        and not isinstance(example_input, (str, bytes))
+        and any(isinstance(x, torch.Tensor) for x in example_input)
+    ):
+        if len(example_input) != len(names):
+            raise InputError(
+                f"got {len(example_input)} example inputs for {len(names)} tasks {list(names)}; "
+                "give one tensor for all tasks, one per task in task order, or a dict task → "
+                "tensor."
+            )
+        chosen = list(example_input)
+    else:
+        shape = isinstance(example_input, Sequence) and all(
+            isinstance(x, int) for x in example_input
+        )
+        hint = f" (for a shape, pass torch.randn{tuple(example_input)})" if shape else ""
+        raise InputError(
+            f"example_input must be a tensor, a list of tensors (one per task) or a dict task → "
+            f"tensor, got {type(example_input).__name__}{hint}."
+        )
+    for name, value in zip(names, chosen):
+        if not isinstance(value, torch.Tensor):
+            raise InputError(
+                f"task {name!r}: example_input must be a tensor, got {type(value).__name__}."
+            )
+    return tuple(chosen)
+
+
 @dataclass(frozen=True)
 class TracedSet:
     """Every task traced: what :func:`trace` returns and :func:`nddrify.plan` /
@@ -169,7 +243,19 @@ class TracedSet:
 
     @property
     def example_input(self) -> torch.Tensor:
+        """The first task's example input (every task's, unless :attr:`separate_inputs`)."""
         return self.traced[0].example_input
+
+    @property
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        """Each task's example input, in task order."""
+        return tuple(t.example_input for t in self.traced)
+
+    @property
+    def separate_inputs(self) -> bool:
+        """Whether the tasks' example inputs differ in shape: the fused model then takes one
+        input per task (named after the tasks, in task order) instead of one shared ``x``."""
+        return len({tuple(x.shape) for x in self.example_inputs}) > 1
 
     @property
     def model_params(self) -> tuple[int, ...]:
@@ -191,6 +277,11 @@ class TracedSet:
 
     def __repr__(self) -> str:
         models = ", ".join(f"{t.task}: {type(t.module).__name__}" for t in self.traced)
+        if self.traced and self.separate_inputs:
+            shapes = ", ".join(
+                f"{t.task} {'×'.join(map(str, t.example_input.shape))}" for t in self.traced
+            )
+            return f"TracedSet({models}; inputs {shapes})"
         shape = "×".join(map(str, self.example_input.shape)) if self.traced else "-"
         return f"TracedSet({models}; input {shape})"
 
@@ -198,7 +289,7 @@ class TracedSet:
 def trace(
     models: Sequence[nn.Module | str] | Mapping[str, nn.Module | str] | TracedSet,
     *,
-    example_input: torch.Tensor | None = None,
+    example_input: ExampleInputs = None,
     options: TaskOptions = None,
 ) -> TracedSet:
     """Resolve ``models`` and trace every task in train and eval mode, propagating shapes.
@@ -209,24 +300,44 @@ def trace(
         models: two or more models, as a list (tasks ``task0, task1, …``) or a dict (named
             tasks); a model may be a spec string such as ``"torchvision:vgg16"``. A
             :class:`TracedSet` is returned as it is.
-        example_input: input for shape propagation (default 1×3×224×224, or the first model's
-            declared input size).
+        example_input: input for shape propagation: one tensor for every task (default
+            1×3×224×224, or the first model's declared input size), or one per task (a list in
+            task order, or a dict task → tensor) when the models need different sizes, e.g. a
+            detector backbone at 128×128 and a classifier at 96×96. When the tasks' inputs
+            differ in shape, the fused model takes one input per task.
         options: :class:`TraceOptions` for every task, or one per task (list or dict).
 
     Raises:
         ModelsError, InputError, TraceError: see :mod:`nddrify.errors`.
+
+    Example:
+        >>> import torch, torchvision, nddrify
+        >>> traced = nddrify.trace(
+        ...     {"a": torchvision.models.resnet18(), "b": torchvision.models.resnet18()},
+        ...     example_input={"a": torch.zeros(1, 3, 64, 64), "b": torch.zeros(1, 3, 32, 32)})
+        >>> traced
+        TracedSet(a: ResNet, b: ResNet; inputs a 1×3×64×64, b 1×3×32×32)
     """
     if isinstance(models, TracedSet):
         return models
     resolved = resolve_models(models)
     per_task = per_task_options(options, resolved.names)
-    if example_input is None:
-        example_input = default_example_input(resolved.modules[0])
-    traced = tuple(
-        _trace_or_point_to_trunks(module, name, example_input, opts)
-        for name, module, opts in zip(resolved.names, resolved.modules, per_task)
-    )
-    return TracedSet(traced, resolved.as_dict, resolved.specs, per_task)
+    shared = example_input is None or isinstance(example_input, torch.Tensor)
+    inputs = per_task_inputs(example_input, resolved.names, resolved.modules)
+    traced = []
+    for name, module, opts, x in zip(resolved.names, resolved.modules, per_task, inputs):
+        try:
+            traced.append(_trace_or_point_to_trunks(module, name, x, opts))
+        except TraceError as err:
+            if not (shared and _SHAPE_FAILURE in str(err)):
+                raise
+            sizes = ", ".join(f"{n!r}: torch.randn(1, 3, H, W)" for n in resolved.names)
+            raise TraceError(
+                f"{err}\nWhen the models need different input sizes, pass one example input "
+                f"per task: example_input={{{sizes}}} (or a list in task order); the fused "
+                "model then takes one input per task."
+            ) from err.__cause__
+    return TracedSet(tuple(traced), resolved.as_dict, resolved.specs, per_task)
 
 
 def traceable_trunks(
@@ -265,6 +376,8 @@ def _trace_or_point_to_trunks(
     submodules that can (the route for detectors and other models with list inputs)."""
     try:
         return trace_model(module, task=task, example_input=example_input, options=options)
+    except UntraceableModelError:
+        raise  # its adapter names the trunk: no search
     except TraceError as err:
         trunks = traceable_trunks(module, example_input, options)
         if not trunks:
@@ -273,7 +386,8 @@ def _trace_or_point_to_trunks(
         first = trunks[0][0]
         raise TraceError(
             f"{err}\nThese submodules of task {task!r} trace on their own and hold its feature "
-            f"maps: {listing}. Fuse them instead of the whole model, e.g. "
-            f"nddrify.fuse([model_a.{first}, model_b.{first}]), and run the rest of each model "
-            "on the fused trunk's outputs (every task must then see the same input tensor)."
+            f"maps: {listing}. Fuse them instead of the whole model: "
+            f"nddrify.fuse(models, within={first!r}) fuses each model's {first!r} and returns "
+            "one copy of every model running the shared fused trunk (feed every task the tensor "
+            f"its {first!r} sees to run the trunk once)."
         ) from err.__cause__

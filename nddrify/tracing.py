@@ -19,10 +19,7 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import io
-import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -33,12 +30,13 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 import torchvision
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.shape_prop import ShapeProp
 from torchvision.models.feature_extraction import NodePathTracer
 
+from .adapters import TraceAdapter, UntraceableModelError, find_adapter, patched
+from .adapters.concrete import metadata_tracer
 from .errors import InputError, ModelsError, TraceError
 from .meta import MODULE_CALLS, QUALNAME, ModuleCall
+from .shapes import propagate_shapes, share_shapes
 
 __all__ = [
     "TraceOptions",
@@ -149,8 +147,11 @@ class _Tracer(NodePathTracer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.failed_module: str | None = None
+        self.model: nn.Module | None = None  # the model an adapter's call runs (see _entry)
 
     def call_module(self, m: nn.Module, forward: Callable, args: Any, kwargs: Any) -> Any:
+        if m is self.model:
+            return forward(*args, **kwargs)  # the model itself, called by an adapter's call
         last = next(iter(reversed(self.graph.nodes)), None)
         try:
             result = super().call_module(m, forward, args, kwargs)
@@ -281,13 +282,41 @@ def parameter_placement(model: nn.Module) -> tuple[torch.device, torch.dtype] | 
     return None
 
 
+def _entry(model: nn.Module, fixed: dict[str, Any], adapter: TraceAdapter) -> nn.Module:
+    """A root to trace in place of ``model`` whose ``forward(x)`` runs the adapter's call and
+    output hook; it shares the model's submodules, parameters and buffers (same paths)."""
+    call = adapter.call or (lambda m, x, **kwargs: m(x, **kwargs))
+    output = adapter.output or (lambda value: value)
+
+    def forward(self: nn.Module, x: torch.Tensor) -> Any:
+        return output(call(model, x, **fixed))
+
+    entry = type(type(model).__name__, (nn.Module,), {"forward": forward})()
+    entry._modules, entry._parameters = model._modules, model._parameters
+    entry._buffers = model._buffers
+    entry.training = model.training
+    return entry
+
+
 def _trace_graph(
-    model: nn.Module, task: str, concrete_args: dict[str, Any], tracer_kwargs: dict[str, Any]
+    model: nn.Module,
+    task: str,
+    concrete_args: dict[str, Any],
+    tracer_kwargs: dict[str, Any],
+    adapter: TraceAdapter | None = None,
+    example_input: torch.Tensor | None = None,
 ) -> fx.GraphModule:
-    tracer = _Tracer(**tracer_kwargs)
+    if adapter is not None and adapter.concrete_metadata:
+        tracer = metadata_tracer(_Tracer)(**tracer_kwargs)
+        tracer.example_input = example_input
+    else:
+        tracer = _Tracer(**tracer_kwargs)
     mode = "train" if model.training else "eval"
+    root, fixed = model, concrete_args or None
+    if adapter is not None and (adapter.call is not None or adapter.output is not None):
+        root, fixed, tracer.model = _entry(model, concrete_args, adapter), None, model
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args or None)
+        graph = tracer.trace(root, concrete_args=fixed)
     except Exception as err:
         where = tracer.failed_module
         module_desc = (
@@ -340,72 +369,6 @@ def _inline_fixed_arguments(
                     graph.erase_node(arg)
 
 
-class _ShapeProp(ShapeProp):
-    """ShapeProp that remembers the node it was running when it failed."""
-
-    def run_node(self, n: fx.Node) -> Any:
-        self.current = n
-        return super().run_node(n)
-
-
-def _where(gm: fx.GraphModule, node: fx.Node | None) -> str:
-    if node is None:
-        return ""
-    name = node.meta.get(QUALNAME, node.name)
-    if node.op == "call_module":
-        return f" in module {name!r} ({type(gm.get_submodule(str(node.target))).__name__})"
-    return f" at node {name!r}"
-
-
-def _propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor, task: str) -> None:
-    """ShapeProp on fake tensors (no compute, no memory), falling back to real ones (in eval mode,
-    without gradients) for the rare op that has no fake implementation. A failure is one
-    :class:`TraceError` naming the module and the real cause (not ShapeProp's node dump)."""
-    # ShapeProp prints every failure's traceback and fake mode logs its own: the TraceError below
-    # says what failed, so both stay quiet.
-    quiet = contextlib.redirect_stderr(io.StringIO())
-    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
-    level = fake_log.level
-    with torch.no_grad(), quiet:
-        try:
-            fake_log.setLevel(logging.CRITICAL)
-            # Real parameters enter the fake mode as non-fake inputs: no copy of the model.
-            with FakeTensorMode(allow_non_fake_inputs=True) as fake_mode:
-                ShapeProp(gm).propagate(fake_mode.from_tensor(example_input))
-            return
-        except Exception:
-            pass
-        finally:
-            fake_log.setLevel(level)
-        prop = _ShapeProp(gm)
-        try:
-            prop.propagate(example_input)
-        except Exception as err:
-            cause = err.__cause__ if err.__cause__ is not None else err
-            reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-            raise TraceError(
-                f"task {task!r}: the traced model failed on an example input of shape "
-                f"{tuple(example_input.shape)}{_where(gm, getattr(prop, 'current', None))}: "
-                f"{type(cause).__name__}: {reason}\nHow to fix: pass example_input= with a size "
-                "the model accepts (e.g. its training resolution)."
-            ) from cause
-
-
-def _share_shapes(eval_graph: fx.Graph, train_graph: fx.Graph) -> None:
-    """Give the train-mode graph's nodes the shapes of the eval-mode nodes of the same name, op
-    and target (a node runs on the same shapes in both modes; shapes are propagated in eval mode
-    only, so that no batch-norm statistics move)."""
-    shapes = {
-        (n.meta.get(QUALNAME), n.op, str(n.target)): n.meta["tensor_meta"]
-        for n in eval_graph.nodes
-        if "tensor_meta" in n.meta
-    }
-    for node in train_graph.nodes:
-        found = shapes.get((node.meta.get(QUALNAME), node.op, str(node.target)))
-        if found is not None and "tensor_meta" not in node.meta:
-            node.meta["tensor_meta"] = found
-
-
 def module_modes(model: nn.Module) -> dict[str, bool]:
     """The train/eval flag of every submodule (models may mix them, e.g. frozen BatchNorm)."""
     return {name: m.training for name, m in model.named_modules()}
@@ -433,16 +396,32 @@ def trace_model(
             modified (not even its train/eval mode).
         task: the task's name, used in error messages.
         example_input: input for shape propagation; default :func:`default_example_input`.
-        options: the tracer's knobs (:class:`TraceOptions`).
+        options: the tracer's knobs (:class:`TraceOptions`), merged with those of the
+            model's registered :class:`~nddrify.adapters.TraceAdapter` (smp, Hugging Face,
+            torchvision detectors, or your own), whose patches hold while tracing.
 
     Raises:
-        TraceError: torch.fx failed, or the traced model failed on ``example_input``.
+        TraceError: torch.fx failed, or the traced model failed on ``example_input``
+            (:class:`~nddrify.adapters.UntraceableModelError` for a model its adapter says
+            cannot be traced whole, such as a detector: it names the submodule to fuse).
         InputError: the forward signature needs arguments nddrify cannot provide.
     """
     if not isinstance(model, nn.Module):
         raise ModelsError(f"task {task!r}: expected an nn.Module, got {type(model).__name__}.")
     options = options if options is not None else TraceOptions()
-    _, fixed_args = _forward_concrete_args(model, task, options.concrete_args)
+    adapter = find_adapter(model)
+    if adapter is not None and adapter.trunk is not None:
+        raise UntraceableModelError(
+            f"task {task!r}: {type(model).__name__} cannot be traced whole (it takes lists of "
+            f"images and targets); fuse its {adapter.trunk!r} submodule instead: "
+            f"nddrify.fuse(models, within={adapter.trunk!r}), or "
+            f"nddrify.fuse([model_a.{adapter.trunk}, model_b.{adapter.trunk}]).",
+            adapter.trunk,
+        )
+    if adapter is not None and adapter.call is not None:
+        fixed_args = dict(options.concrete_args or {})  # passed to the adapter's call
+    else:
+        _, fixed_args = _forward_concrete_args(model, task, options.concrete_args)
     if example_input is None:
         example_input = default_example_input(model)
     if not isinstance(example_input, torch.Tensor):
@@ -457,21 +436,25 @@ def trace_model(
     placement = parameter_placement(model)
     if placement is not None:
         example_input = example_input.to(*placement)
-    tracer_kwargs = _tracer_kwargs(options.leaf_modules, options.autowrap_functions)
+    leaves, functions = options.leaf_modules, options.autowrap_functions
+    if adapter is not None:
+        leaves, functions = (*leaves, *adapter.leaf_classes()), (*functions, *adapter.functions())
+    tracer_kwargs = _tracer_kwargs(leaves, functions)
 
     modes = module_modes(model)
     try:
-        model.train(True)
-        train_gm = _trace_graph(model, task, fixed_args, tracer_kwargs)
-        model.train(False)
-        eval_gm = _trace_graph(model, task, fixed_args, tracer_kwargs)
-        _propagate_shapes(eval_gm, example_input, task)
+        with patched(adapter):
+            model.train(True)
+            train_gm = _trace_graph(model, task, fixed_args, tracer_kwargs, adapter, example_input)
+            model.train(False)
+            eval_gm = _trace_graph(model, task, fixed_args, tracer_kwargs, adapter, example_input)
+            propagate_shapes(eval_gm, example_input, task)
     finally:
         restore_module_modes(model, modes)
 
     same = train_gm.code == eval_gm.code
     if not same:
-        _share_shapes(eval_gm.graph, train_gm.graph)
+        share_shapes(eval_gm.graph, train_gm.graph)
     return TracedModel(
         task=task,
         module=model,

@@ -46,6 +46,7 @@ from torch import nn
 
 import nddrify
 from nddrify.layers import NDDRLayer
+from nddrify.pairing import output_stride, pair_by_stride
 
 from .test_fuse import _flatten, max_identity_diff
 
@@ -932,14 +933,25 @@ def check_mixed(case: MixedCase, data: st.DataObject) -> None:
         lists = [[c.name if use_names else c.node for c in cs] for cs in chosen]
         points = dict(zip(names, lists)) if mode == "dict" else lists
         error = None
-    elif mode == "auto":
-        points, chosen = "auto", auto
-        error = _expect(auto, chosen)
     else:
-        shortest = min(len(a) for a in auto)
-        n = data.draw(st.integers(1, shortest + 1), label="points=N")
-        points, chosen = n, [a[-n:] for a in auto]
-        error = nddrify.errors.PointError if n > shortest else _expect(auto, chosen)
+        # Automatic points pair by output stride (nddrify.pairing); by position when a stride
+        # is unknown.
+        strides = [
+            [output_stride(tuple(x1.shape[-2:]), c.shape[2:]) for c in cands] for cands in auto
+        ]
+        if any(s is None for task in strides for s in task):
+            paired = auto if len({len(a) for a in auto}) == 1 else []
+        else:
+            levels = pair_by_stride([list(zip(a, s)) for a, s in zip(auto, strides)]).levels
+            paired = [list(column) for column in zip(*levels)]
+        count = len(paired[0]) if paired else 0
+        if mode == "auto":
+            points, chosen = "auto", paired
+        else:
+            n = data.draw(st.integers(1, max(count, 1) + 1), label="points=N")
+            points, chosen = n, [p[-n:] for p in paired]
+            count = count if n <= count else 0
+        error = nddrify.errors.PointError if not count else _expect(auto, chosen)
     event(f"expected error: {error.__name__ if error else None}")
     if error is not None:
         models_arg = dict(zip(names, models)) if case.as_dict else models

@@ -100,7 +100,7 @@ def test_forward_matches_per_task_convolutions_of_the_concatenation() -> None:
 
 def test_channels_last_inputs_are_fused_on_the_last_axis() -> None:
     nchw = NDDRLayer([3, 5], init="xavier", norm=None, activation=None)
-    nhwc = NDDRLayer([3, 5], norm=None, activation=None, channels_last=[False, True])
+    nhwc = NDDRLayer([3, 5], norm=None, activation=None, layouts=[False, True])
     nhwc.load_state_dict(nchw.state_dict())
     a, b = torch.randn(2, 3, 4, 6), torch.randn(2, 5, 4, 6)
     want_a, want_b = nchw(a, b)

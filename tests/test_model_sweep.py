@@ -78,15 +78,15 @@ def test_fuse_two_copies(source: str, name: str) -> None:
     assert row["error"] is None, f"{row['error_stage']}: {row['error']}\n{row.get('traceback')}"
     assert row["traced"]
 
-    # Auto points: at least one, the same for both copies and for both fusion settings, 4-D maps
-    # of the 1-image example batch.
+    # Auto points: at least one, the same for both copies and for both fusion settings, maps
+    # (N, C, H, W) or token sequences (N, C, L) of the 1-image example batch.
     points = row["points"]
     assert len(points) >= 1
     assert [(p["name"], p["shape"]) for p in points] == [
         (p["name"], p["shape"]) for p in row["points_task1"]
     ]
     assert row["points_default_fuse"] == points
-    assert all(len(p["shape"]) == 4 and p["shape"][0] == 1 for p in points)
+    assert all(len(p["shape"]) in (3, 4) and p["shape"][0] == 1 for p in points)
 
     # Identity at init: eval always, train where the model is deterministic in train mode.
     assert row["identity_eval"] <= sweep.ATOL

@@ -63,6 +63,7 @@ def test_plan_holds_no_traces_and_fuse_is_rewrite_of_trace_and_plan() -> None:
         "fusion_kind",
         "fusion",
         "shortcut",
+        "unpaired",
     }
     assert plan.points("task1") == ["features.15", "features.20"]
     assert nddrify.rewrite(traced, plan).code == nddrify.fuse(models, points=2).code

@@ -373,8 +373,9 @@ def fusion_difference(layer: nn.Module, levels: Sequence[Sequence[Any]]) -> str 
         return f"{kind.__name__} got unexpected inputs"
     if kind is NDDRLayer and layer.resize is not None:
         return "NDDR with resize= runs per task"
-    if any(pytree.tree_leaves(getattr(layer, "channels_last", ()))):
-        return "fusion of channels-last maps runs per task"
+    layouts = pytree.tree_leaves(getattr(layer, "layouts", ()))
+    if any(getattr(layout, "name", "NCHW") != "NCHW" for layout in layouts):
+        return "fusion of channels-last maps or token sequences runs per task"
     if kind not in (NDDRLayer, NDDRShortcutLayer):  # cross-stitch, or a registered type
         return None
     return _outputs_difference(layer.norms, layer.activations)

@@ -29,9 +29,12 @@ Example:
 from __future__ import annotations
 
 from .annotation import LAYOUT, NONNEGATIVE, annotate
+from .blocks import enclosing_block
 from .nodes import shape_of
+from .points import auto_points, is_fusable, point_shape, spatial_size, token_grid
 from .spine import feature_shape, is_feature_map, spine
 from .stages import stage_ends, stage_module
+from .tokens import TokenGrid, is_token_sequence, token_shape, token_spine, token_stage_ends
 
 __all__ = [
     "LAYOUT",
@@ -43,4 +46,15 @@ __all__ = [
     "spine",
     "stage_ends",
     "stage_module",
+    "enclosing_block",
+    "TokenGrid",
+    "is_token_sequence",
+    "token_shape",
+    "token_spine",
+    "token_stage_ends",
+    "auto_points",
+    "is_fusable",
+    "point_shape",
+    "spatial_size",
+    "token_grid",
 ]

@@ -14,6 +14,7 @@ from torch import nn
 from ..meta import LAYOUT, NONNEGATIVE  # the keys are documented in nddrify.meta
 from .layout import ImageLayout, Layout, infer_layout
 from .nodes import is_op
+from .tokens import annotate_tokens
 
 __all__ = ["LAYOUT", "NONNEGATIVE", "annotate"]
 
@@ -65,7 +66,8 @@ def _nonnegative(node: fx.Node, nonneg: dict[fx.Node, bool]) -> bool:
 
 
 def annotate(graph: fx.Graph) -> fx.Graph:
-    """Record ``meta[LAYOUT]`` and ``meta[NONNEGATIVE]`` on every node (idempotent)."""
+    """Record ``meta[LAYOUT]``, ``meta[NONNEGATIVE]`` and, on token sequences,
+    ``meta[TOKENS]`` on every node (idempotent)."""
     layouts: dict[fx.Node, Layout | None] = {}
     nonneg: dict[fx.Node, bool] = {}
     for node in graph.nodes:
@@ -73,4 +75,5 @@ def annotate(graph: fx.Graph) -> fx.Graph:
         nonneg[node] = _nonnegative(node, nonneg)
         node.meta[LAYOUT] = layout.name if isinstance(layout, ImageLayout) else None
         node.meta[NONNEGATIVE] = nonneg[node]
+    annotate_tokens(graph, layouts)
     return graph

@@ -6,13 +6,16 @@ ShapeProp recorded); none of them looks at model-specific names.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Collection
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "reached_from",
     "POOL_MODULES",
     "POOL_FUNCTIONS",
     "IDENTITY_MODULES",
@@ -23,6 +26,11 @@ __all__ = [
     "has_parameters",
     "is_noop",
     "is_pool",
+    "is_pad",
+    "is_upsample",
+    "is_conv",
+    "is_merge",
+    "is_gate_activation",
 ]
 
 #: Pooling modules (a pool on the spine ends a stage).
@@ -100,3 +108,77 @@ def is_noop(node: fx.Node) -> bool:
 def is_pool(node: fx.Node) -> bool:
     """True for a pooling op that changes its input (not a same-size adaptive pool)."""
     return is_op(node, POOL_MODULES, POOL_FUNCTIONS) and not is_noop(node)
+
+
+#: Padding modules (explicit or "same" padding before a strided conv; never a stage boundary).
+PAD_MODULES: tuple[type, ...] = (
+    nn.ZeroPad2d,
+    nn.ConstantPad2d,
+    nn.ReflectionPad2d,
+    nn.ReplicationPad2d,
+    nn.CircularPad2d,
+)
+_UPSAMPLE_MODULES: tuple[type, ...] = (nn.Upsample, nn.UpsamplingBilinear2d, nn.UpsamplingNearest2d)
+_UPSAMPLE_FUNCTIONS = {F.interpolate, F.upsample, F.upsample_bilinear, F.upsample_nearest}
+_GATE_MODULES: tuple[type, ...] = (nn.Sigmoid, nn.Hardsigmoid, nn.Softmax, nn.Tanh)
+_GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softmax, torch.softmax, torch.tanh}
+_GATE_METHODS = {"sigmoid", "sigmoid_", "softmax", "tanh", "tanh_"}
+
+
+def is_pad(node: fx.Node) -> bool:
+    """True for a padding op (``nn.ZeroPad2d`` and friends, ``F.pad``): it only widens the map."""
+    return is_op(node, PAD_MODULES, {F.pad, torch.constant_pad_nd})
+
+
+def is_upsample(node: fx.Node) -> bool:
+    """True for an upsampling op (``F.interpolate``, ``nn.Upsample``)."""
+    return is_op(node, _UPSAMPLE_MODULES, _UPSAMPLE_FUNCTIONS)
+
+
+def is_conv(node: fx.Node) -> bool:
+    """True for a 2-D convolution (module or functional) or a linear layer."""
+    return is_op(node, (nn.Conv2d, nn.Linear), {F.conv2d, torch.conv2d, F.linear})
+
+
+def is_merge(node: fx.Node) -> bool:
+    """True for ops that merge two tensors: sums, differences, products and concatenations."""
+    if node.op == "call_function":
+        return node.target in {
+            operator.add,
+            operator.iadd,
+            operator.sub,
+            operator.mul,
+            operator.imul,
+            torch.add,
+            torch.sub,
+            torch.mul,
+            torch.cat,
+            torch.concat,
+            torch.addcmul,
+        }
+    return node.op == "call_method" and node.target in {"add", "add_", "mul", "mul_", "sub"}
+
+
+def is_gate_activation(node: fx.Node) -> bool:
+    """True for the squashing activations that make gates (sigmoid, hard sigmoid, softmax, tanh)."""
+    if node.op == "call_method":
+        return node.target in _GATE_METHODS
+    if node.op == "call_module":
+        module = module_of(node)
+        return isinstance(module, _GATE_MODULES) or type(module).__name__.lower() in {
+            "hardsigmoid",
+            "hard_sigmoid",
+            "sigmoid",
+        }
+    return is_op(node, (), _GATE_FUNCTIONS)
+
+
+def reached_from(source: fx.Node) -> set[fx.Node]:
+    """``source`` and every node computed from it (its users, their users, ...)."""
+    reached, stack = {source}, [source]
+    while stack:
+        for user in stack.pop().users:
+            if user not in reached:
+                reached.add(user)
+                stack.append(user)
+    return reached

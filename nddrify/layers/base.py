@@ -6,7 +6,9 @@ and layouts.
   of NDDR, its cheaper variants, cross-stitch and sluice: one validator, one matrix;
 * :func:`make_norm`, :func:`make_activation`, :func:`norm_params` — the per-task tails;
 * :func:`resize_bilinear` — the three bilinear conventions of NDDR code;
-* :func:`to_nchw`, :func:`from_nchw` — channels-last maps are fused as N×C×H×W.
+* :class:`FeatureLayout`, :func:`to_nchw`, :func:`from_nchw` — channels-last maps and token
+  sequences are fused as N×C×H×W (tokens as N×C×L×1, or on their patch grid when a level mixes
+  them with maps).
 
 Example:
     >>> from nddrify.layers import block_diagonal, check_init
@@ -23,6 +25,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -49,6 +52,9 @@ __all__ = [
     "make_activation",
     "norm_params",
     "resize_bilinear",
+    "FeatureLayout",
+    "as_layouts",
+    "on_grid",
     "to_nchw",
     "from_nchw",
 ]
@@ -314,10 +320,77 @@ def _resize_asymmetric(x: torch.Tensor, out_size: int, dim: int) -> torch.Tensor
     return x.index_select(dim, low) * (1 - frac) + x.index_select(dim, high) * frac
 
 
+@dataclass(frozen=True)
+class FeatureLayout:
+    """How one task's feature reaches a fusion layer.
+
+    ``name`` is ``"NCHW"``, ``"NHWC"`` (channels last) or ``"NLC"`` (a token sequence: N × L × C);
+    for tokens, ``prefix`` extra tokens (class, distillation, registers) lead the sequence and
+    ``grid`` is the (H, W) patch grid behind them in raster order, when known.
+
+    Example:
+        >>> from nddrify.layers import FeatureLayout
+        >>> FeatureLayout("NLC", prefix=1, grid=(14, 14))
+        FeatureLayout(NLC, prefix=1, grid=14×14)
+    """
+
+    name: str = "NCHW"
+    prefix: int = 0
+    grid: tuple[int, int] | None = None
+
+    @property
+    def tokens(self) -> bool:
+        return self.name == "NLC"
+
+    def __repr__(self) -> str:
+        if not self.tokens:
+            return f"FeatureLayout({self.name})"
+        grid = "?" if self.grid is None else f"{self.grid[0]}×{self.grid[1]}"
+        return f"FeatureLayout(NLC, prefix={self.prefix}, grid={grid})"
+
+
+def as_layouts(
+    layouts: Sequence[FeatureLayout | str | bool] | None, count: int
+) -> tuple[FeatureLayout, ...]:
+    """Per-task :class:`FeatureLayout` values from layouts, layout names, or channels-last flags
+    (``True`` = NHWC); ``None`` means NCHW for all ``count`` tasks."""
+    if layouts is None:
+        return (FeatureLayout(),) * count
+    out = []
+    for layout in layouts:
+        if isinstance(layout, FeatureLayout):
+            out.append(layout)
+        elif isinstance(layout, str):
+            out.append(FeatureLayout(layout))
+        else:
+            out.append(FeatureLayout("NHWC" if layout else "NCHW"))
+    return tuple(out)
+
+
+def on_grid(layouts: Sequence[FeatureLayout]) -> bool:
+    """Whether token sequences are fused on their patch grid (their extra tokens passed through)
+    rather than token by token: when the level mixes tokens with image maps, or token sequences
+    whose extra tokens or grids differ.
+
+    Example:
+        >>> from nddrify.layers import FeatureLayout, on_grid
+        >>> vit = FeatureLayout("NLC", prefix=1, grid=(14, 14))
+        >>> on_grid([vit, vit]), on_grid([vit, FeatureLayout("NCHW")])
+        (False, True)
+    """
+    tokens = [layout for layout in layouts if layout.tokens]
+    if not tokens:
+        return False
+    return len(tokens) < len(layouts) or len(set(tokens)) > 1
+
+
 def to_nchw(
-    features: Sequence[torch.Tensor], channels_last: Sequence[bool]
+    features: Sequence[torch.Tensor],
+    layouts: Sequence[FeatureLayout | str | bool],
+    grid: bool | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Each map as N×C×H×W: the channels-last ones (N×H×W×C) permuted, the others as they are.
+    """Each feature as N×C×H×W: channels-last maps permuted, token sequences as N×C×L×1 (one
+    position per token) or, :func:`on_grid` (or ``grid=True``), their patch tokens as N×C×H×W.
 
     Example:
         >>> import torch
@@ -325,12 +398,52 @@ def to_nchw(
         >>> maps = to_nchw([torch.zeros(1, 4, 5, 3), torch.zeros(1, 3, 4, 5)], [True, False])
         >>> [tuple(m.shape) for m in maps], [tuple(m.shape) for m in from_nchw(maps, [True, False])]
         ([(1, 3, 4, 5), (1, 3, 4, 5)], [(1, 4, 5, 3), (1, 3, 4, 5)])
+        >>> tokens = to_nchw([torch.zeros(2, 197, 8)], ["NLC"])
+        >>> tuple(tokens[0].shape)
+        (2, 8, 197, 1)
     """
-    return tuple(f.permute(0, 3, 1, 2) if last else f for f, last in zip(features, channels_last))
+    layouts = as_layouts(layouts, len(features))
+    grid = on_grid(layouts) if grid is None else grid
+    out = []
+    for feature, layout in zip(features, layouts):
+        if layout.name == "NHWC":
+            feature = feature.permute(0, 3, 1, 2)
+        elif layout.tokens and grid:
+            if layout.grid is None:
+                raise FusionConfigError(
+                    "token sequence has no known patch grid; it can only be fused token by "
+                    "token with sequences of the same length and extra tokens."
+                )
+            patches = feature[:, layout.prefix :].transpose(1, 2)
+            feature = patches.reshape(*patches.shape[:2], *layout.grid)
+        elif layout.tokens:
+            feature = feature.transpose(1, 2).unsqueeze(-1)
+        out.append(feature)
+    return tuple(out)
 
 
 def from_nchw(
-    features: Sequence[torch.Tensor], channels_last: Sequence[bool]
+    features: Sequence[torch.Tensor],
+    layouts: Sequence[FeatureLayout | str | bool],
+    inputs: Sequence[torch.Tensor] | None = None,
+    grid: bool | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """The inverse of :func:`to_nchw`: channels-last maps back to N×H×W×C."""
-    return tuple(f.permute(0, 2, 3, 1) if last else f for f, last in zip(features, channels_last))
+    """The inverse of :func:`to_nchw`. On the grid, each token sequence's extra tokens are taken
+    unchanged from ``inputs`` (the features the layer was called with)."""
+    layouts = as_layouts(layouts, len(features))
+    grid = on_grid(layouts) if grid is None else grid
+    out = []
+    for index, (feature, layout) in enumerate(zip(features, layouts)):
+        if layout.name == "NHWC":
+            feature = feature.permute(0, 2, 3, 1)
+        elif layout.tokens and grid:
+            patches = feature.flatten(2).transpose(1, 2)
+            if layout.prefix:
+                if inputs is None:
+                    raise FusionConfigError("from_nchw needs the inputs to restore extra tokens.")
+                patches = torch.cat([inputs[index][:, : layout.prefix], patches], dim=1)
+            feature = patches
+        elif layout.tokens:
+            feature = feature.squeeze(-1).transpose(1, 2)
+        out.append(feature)
+    return tuple(out)

@@ -130,7 +130,7 @@ class NDDR:
             "norm": self.norm,
             "activation": self.activation,
             "nonnegative": level.nonnegative,
-            "channels_last": level.channels_last,
+            "layouts": level.layouts,
         }
         if self.rank is not None:
             return NDDRLowRankLayer(channels, self.rank, **options)
@@ -194,7 +194,7 @@ class Shortcut:
             activation=self.activation,
             nonnegative=levels[-1].nonnegative,
             resize_mode=self.resize_mode,
-            channels_last=[level.channels_last for level in levels],
+            layouts=[level.layouts for level in levels],
         )
 
     def across_parameters(self, levels: Sequence[FusionLevel]) -> tuple[int, int]:

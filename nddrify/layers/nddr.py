@@ -30,10 +30,12 @@ from torch.nn.utils import skip_init
 from ..errors import FusionConfigError
 from .base import (
     Activation,
+    FeatureLayout,
     FusionLayer,
     Init,
     Norm,
     ResizeMode,
+    as_layouts,
     block_diagonal,
     check_init,
     check_resize_mode,
@@ -57,17 +59,29 @@ class _PerTaskOutputs(FusionLayer):
         norm: Norm,
         activation: Activation,
         nonnegative: Sequence[bool] | None,
-        channels_last: Sequence[bool] | None,
+        layouts: Sequence[FeatureLayout | str | bool] | None,
     ) -> None:
         count = len(channels)
         nonnegative = tuple(nonnegative) if nonnegative is not None else (False,) * count
         self.norms = nn.ModuleList(make_norm(norm, c) for c in channels)
         self.activations = nn.ModuleList(make_activation(activation, n) for n in nonnegative)
-        self.channels_last = tuple(bool(c) for c in channels_last or (False,) * count)
+        self.layouts = as_layouts(layouts, count)
 
-    def _finish(self, mixed: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    @property
+    def channels_last(self) -> tuple[bool, ...]:
+        """Per task, whether its maps are N×H×W×C."""
+        return tuple(layout.name == "NHWC" for layout in self.layouts)
+
+    def _finish(
+        self, mixed: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, ...]:
         outputs = [act(norm(x)) for x, norm, act in zip(mixed, self.norms, self.activations)]
-        return from_nchw(outputs, self.channels_last)
+        return from_nchw(outputs, self.layouts, inputs)
+
+    def extra_repr(self) -> str:
+        shown = [layout.name for layout in self.layouts]
+        layouts = "" if set(shown) == {"NCHW"} else f", layouts={self.layouts}"
+        return f"in_channels={self.in_channels}{layouts}"
 
 
 class NDDRLayer(_PerTaskOutputs):
@@ -84,8 +98,12 @@ class NDDRLayer(_PerTaskOutputs):
             (the official code's behaviour); ``None`` never; or a callable returning a module.
         nonnegative: per task, whether the fused feature map was non-negative in the original model.
         resize: resize other tasks' maps to task i's H×W before fusing (for tasks whose maps differ).
-        channels_last: per task, whether its maps are N×H×W×C (Swin-style stages); they are
-            viewed as N×C×H×W for the fusion and returned in their own layout.
+        layouts: per task, a :class:`~nddrify.layers.FeatureLayout` (or ``"NCHW"``, ``"NHWC"``,
+            ``"NLC"``, or a channels-last flag): channels-last maps (Swin-style stages) and token
+            sequences are viewed as N×C×H×W for the fusion and returned in their own layout.
+            Tokens are fused one position per token (a per-token linear map), or on their patch
+            grid with their extra tokens passed through when the level mixes them with maps
+            (:func:`~nddrify.layers.on_grid`).
 
     Example:
         >>> import torch
@@ -104,7 +122,7 @@ class NDDRLayer(_PerTaskOutputs):
         activation: Activation = "auto",
         nonnegative: Sequence[bool] | None = None,
         resize: ResizeMode | None = None,
-        channels_last: Sequence[bool] | None = None,
+        layouts: Sequence[FeatureLayout | str | bool] | None = None,
     ) -> None:
         super().__init__()
         self.in_channels = tuple(int(c) for c in in_channels)
@@ -115,7 +133,7 @@ class NDDRLayer(_PerTaskOutputs):
         self.convs = nn.ModuleList(
             skip_init(nn.Conv2d, total, c, 1, bias=False) for c in self.in_channels
         )
-        self._set_outputs(self.in_channels, norm, activation, nonnegative, channels_last)
+        self._set_outputs(self.in_channels, norm, activation, nonnegative, layouts)
         self.resize = resize
         self.reset_parameters(init)
 
@@ -137,8 +155,8 @@ class NDDRLayer(_PerTaskOutputs):
             if hasattr(norm, "reset_parameters"):
                 norm.reset_parameters()
 
-    def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        features = to_nchw(features, self.channels_last)
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = to_nchw(inputs, self.layouts)
         if self.resize is None:
             stacked = torch.cat(features, dim=1)
             # One convolution per task: each output is its own tensor (not a view of a shared
@@ -150,11 +168,7 @@ class NDDRLayer(_PerTaskOutputs):
                 size = own.shape[-2:]
                 stacked = torch.cat([resize_bilinear(f, size, self.resize) for f in features], 1)
                 mixed.append(conv(stacked))
-        return self._finish(mixed)
-
-    def extra_repr(self) -> str:
-        layouts = "" if not any(self.channels_last) else f", channels_last={self.channels_last}"
-        return f"in_channels={self.in_channels}{layouts}"
+        return self._finish(mixed, inputs)
 
 
 class NDDRLowRankLayer(_PerTaskOutputs):
@@ -182,7 +196,7 @@ class NDDRLowRankLayer(_PerTaskOutputs):
         norm: Norm = "batchnorm",
         activation: Activation = "auto",
         nonnegative: Sequence[bool] | None = None,
-        channels_last: Sequence[bool] | None = None,
+        layouts: Sequence[FeatureLayout | str | bool] | None = None,
     ) -> None:
         super().__init__()
         self.in_channels = tuple(int(c) for c in in_channels)
@@ -201,10 +215,10 @@ class NDDRLowRankLayer(_PerTaskOutputs):
         self.ups = nn.ModuleList(nn.Conv2d(rank, c, 1, bias=False) for c in self.in_channels)
         for up in self.ups:
             nn.init.zeros_(up.weight)
-        self._set_outputs(self.in_channels, norm, activation, nonnegative, channels_last)
+        self._set_outputs(self.in_channels, norm, activation, nonnegative, layouts)
 
-    def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        features = to_nchw(features, self.channels_last)
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = to_nchw(inputs, self.layouts)
         low = self.down(torch.cat(features, dim=1))
         outputs = []
         for i, (c_i, up) in enumerate(zip(self.in_channels, self.ups)):
@@ -214,7 +228,7 @@ class NDDRLowRankLayer(_PerTaskOutputs):
                 term = self.diagonal[i][j, :m, None, None] * x_j[:, :m]
                 mixed = mixed + (F.pad(term, (0, 0, 0, 0, 0, c_i - m)) if m < c_i else term)
             outputs.append(mixed)
-        return self._finish(outputs)
+        return self._finish(outputs, inputs)
 
 
 class NDDRGroupedLayer(_PerTaskOutputs):
@@ -241,7 +255,7 @@ class NDDRGroupedLayer(_PerTaskOutputs):
         norm: Norm = "batchnorm",
         activation: Activation = "auto",
         nonnegative: Sequence[bool] | None = None,
-        channels_last: Sequence[bool] | None = None,
+        layouts: Sequence[FeatureLayout | str | bool] | None = None,
     ) -> None:
         super().__init__()
         self.in_channels = tuple(int(c) for c in in_channels)
@@ -264,7 +278,7 @@ class NDDRGroupedLayer(_PerTaskOutputs):
         self.register_buffer("task_order", torch.argsort(order_t), persistent=False)
         self.conv = nn.Conv2d(total, total, 1, groups=groups, bias=False)
         self.groups = groups
-        self._set_outputs(self.in_channels, norm, activation, nonnegative, channels_last)
+        self._set_outputs(self.in_channels, norm, activation, nonnegative, layouts)
         self.reset_parameters(init)
 
     def reset_parameters(self, init: Init = None) -> None:
@@ -281,8 +295,8 @@ class NDDRGroupedLayer(_PerTaskOutputs):
         with torch.no_grad():  # every group: the same diagonal init over its slices
             weight.copy_(matrix.repeat(self.groups, 1)[:, :, None, None])
 
-    def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        features = to_nchw(features, self.channels_last)
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = to_nchw(inputs, self.layouts)
         stacked = torch.cat(features, dim=1).index_select(1, self.group_order)
         grouped = self.conv(stacked)
         bounds = torch.tensor((0, *self.in_channels)).cumsum(0).tolist()
@@ -290,7 +304,7 @@ class NDDRGroupedLayer(_PerTaskOutputs):
             grouped.index_select(1, self.task_order[start:end])
             for start, end in itertools.pairwise(bounds)
         ]
-        return self._finish(mixed)
+        return self._finish(mixed, inputs)
 
 
 class NDDRShortcutLayer(FusionLayer):
@@ -317,15 +331,19 @@ class NDDRShortcutLayer(FusionLayer):
         activation: Activation = "auto",
         nonnegative: Sequence[bool] | None = None,
         resize_mode: ResizeMode = "align_corners_false",
-        channels_last: Sequence[Sequence[bool]] | None = None,
+        layouts: Sequence[Sequence[FeatureLayout | str | bool]] | None = None,
     ) -> None:
         super().__init__()
         check_resize_mode(resize_mode)
         channels = [tuple(int(c) for c in level) for level in level_channels]
         num_tasks = len(channels[-1])
-        self.channels_last = tuple(
-            tuple(bool(c) for c in level)
-            for level in (channels_last or [(False,) * num_tasks] * len(channels))
+        self.layouts = tuple(
+            as_layouts(level, num_tasks) for level in (layouts or [None] * len(channels))
+        )
+        # A task's token sequences go on their patch grid when its levels differ in layout or
+        # grid (token stages of a hierarchical transformer); one position per token otherwise.
+        self.on_grid = tuple(
+            len({level[task] for level in self.layouts}) > 1 for task in range(num_tasks)
         )
         nonnegative = tuple(nonnegative) if nonnegative is not None else (False,) * num_tasks
         self.resize_mode = resize_mode
@@ -341,13 +359,23 @@ class NDDRShortcutLayer(FusionLayer):
             self.norms.append(make_norm(norm, width))
             self.activations.append(make_activation(activation, nonnegative[task]))
 
+    @property
+    def channels_last(self) -> tuple[tuple[bool, ...], ...]:
+        """Per level and task, whether the maps are N×H×W×C."""
+        return tuple(tuple(t.name == "NHWC" for t in level) for level in self.layouts)
+
     def forward(self, levels: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
-        levels = [to_nchw(level, last) for level, last in zip(levels, self.channels_last)]
         outputs = []
         for task, (conv, norm, act) in enumerate(zip(self.convs, self.norms, self.activations)):
-            size = levels[-1][task].shape[-2:]
-            stacked = torch.cat(
-                [resize_bilinear(level[task], size, self.resize_mode) for level in levels], dim=1
+            grid = self.on_grid[task]
+            maps = [
+                to_nchw([level[task]], [layouts[task]], grid)[0]
+                for level, layouts in zip(levels, self.layouts)
+            ]
+            size = maps[-1].shape[-2:]
+            stacked = torch.cat([resize_bilinear(m, size, self.resize_mode) for m in maps], dim=1)
+            last = [levels[-1][task]]
+            outputs.append(
+                from_nchw([act(norm(conv(stacked)))], [self.layouts[-1][task]], last, grid)[0]
             )
-            outputs.append(act(norm(conv(stacked))))
-        return from_nchw(outputs, self.channels_last[-1])
+        return tuple(outputs)

@@ -90,7 +90,9 @@ def rewrite(
     The fused model owns copies of the models' weights (``fused.<task>.<original key>``), one
     fusion layer per level (``fused.nddr1`` …) and, with a shortcut (or sluice's layer-stitch),
     ``fused.shortcut``. It returns a tuple of outputs in task order, or a dict when the models
-    were given as a dict.
+    were given as a dict. It takes one input ``x`` shared by every task, or one input per task
+    (named after the tasks, in task order) when the tasks were traced on example inputs of
+    different shapes (``nddrify.trace(models, example_input={task: tensor})``).
 
     Args:
         traced: from :func:`nddrify.trace` (the models are not modified).
@@ -144,10 +146,16 @@ def rewrite(
 
 
 def build_record(traced: TracedSet, plan: Plan) -> dict[str, Any]:
-    """What ``nddrify.save`` stores to rebuild a fused model: plain values only."""
+    """What ``nddrify.save`` stores to rebuild a fused model: plain values only.
+
+    ``example_input_shapes`` holds each task's example input shape in task order (models traced
+    on inputs of different shapes take one input per task); ``example_input_shape`` the first
+    one, as checkpoints before per-task inputs recorded it.
+    """
     return {
         "as_dict": traced.as_dict,
         "specs": list(traced.specs),
         "example_input_shape": list(traced.example_input.shape),
+        "example_input_shapes": [list(x.shape) for x in traced.example_inputs],
         "plan": plan.to_dict(),
     }

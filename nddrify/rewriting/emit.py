@@ -85,11 +85,19 @@ class GraphWriter:
         self.collapse = collapse
         self.prefixes = list(prefixes) if prefixes is not None else [t.task for t in ir.tasks]
         self.graph = fx.Graph()
-        first_input = ir.tasks[0].placeholders[0]
-        self.image = self.graph.placeholder("x")
-        self.image.meta = dict(first_input.meta)
+        # One input ``x`` shared by every task; one per task (named after the tasks, in task
+        # order) when the tasks were traced on example inputs of different shapes.
+        first_inputs = [t.placeholders[0] for t in ir.tasks]
+        metas = [n.meta.get("tensor_meta") for n in first_inputs]
+        separate = all(m is not None for m in metas) and len({tuple(m.shape) for m in metas}) > 1
+        names = [identifier(t.task) for t in ir.tasks] if separate else ["x"]
+        self.images = [self.graph.placeholder(name) for name in names]
+        for image, node in zip(self.images, first_inputs):
+            image.meta = dict(node.meta)
+        self.image = self.images[0]
         self.envs: list[dict[fx.Node, Any]] = [
-            {n: self.image for n in t.placeholders} for t in ir.tasks
+            {n: self.images[k if separate else 0] for n in t.placeholders}
+            for k, t in enumerate(ir.tasks)
         ]
         self.calls = [_calls_by_first_node(t.graph) if collapse else {} for t in ir.tasks]
         self.point_sets = [set(t.points) for t in ir.tasks]
