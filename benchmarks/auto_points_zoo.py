@@ -104,9 +104,10 @@ SENSIBLE_DEFINITION = (
     "resolution of the trunk that holds a parametrised spine node gets a point (a pool's point "
     "also covers its input's resolution); (d) no point is in the head (the final prediction "
     "conv/linear and the pass-through ops after it, or anything after the trunk's deepest map). "
-    "Models whose declared stages are token sequences are reported as 'token stages (handled "
-    "separately)': the image-map criterion is still evaluated on their map spine but they are "
-    "counted apart."
+    "Models whose declared stages are token sequences are counted apart ('token stages'); where "
+    "their automatic points include token sequences they are judged by the token criterion "
+    "(`sensible_tokens`: every token point a block's output, one point per token stage, none "
+    "inside a block or after the last block)."
 )
 
 
@@ -453,7 +454,7 @@ def _sensible_figures(rows: list[dict]) -> str:
     head = sum(1 for r in rows for reason in r["sensible_reasons"] if "is in the head" in reason)
     return (
         f"{ok}/{len(maps)} image-map models, {sum(r['sensible'] for r in rows)}/{len(rows)} all "
-        f"models ({tokens} with token stages handled separately); {inside} points inside blocks, "
+        f"models ({tokens} with token stages); {inside} points inside blocks, "
         f"{head} points in the head"
     )
 
@@ -519,8 +520,8 @@ def write_markdown(rows: list[dict], path: Path, command: str) -> str:
     ]
     lines += [
         "",
-        f"Token stages (handled separately) ({len(tokens)}): image-map criterion on their map "
-        "spine shown for information.",
+        f"Token stages ({len(tokens)}): judged by the token criterion where their points are "
+        "token sequences (see the definition above).",
         "",
     ]
     lines += [

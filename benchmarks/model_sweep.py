@@ -89,15 +89,7 @@ TOO_SLOW: dict[str, str] = {
 }
 
 #: Models that fail a check, with the reason (the tests mark them ``xfail(strict=True)``).
-KNOWN_FAILURES: dict[str, str] = {
-    "timm/coat_tiny": (
-        "token stages serial_blocks1/2 are fused, but the last automatic point, the image map "
-        "parallel_blocks.5.interpolate_5, is on the graph path to the output while its values "
-        "never reach it (CoaT's head reads the class token, which this map's attention path does "
-        "not change): its NDDR layer gets zero gradient. Not detectable from the graph "
-        "structure; name the points of stages 3-4 by hand"
-    ),
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 #: Plain ViTs swept beside the zoo (token fusion: four evenly spaced blocks).

@@ -9,6 +9,7 @@ import timm
 import torch
 import torchvision
 from rich.console import Console
+from torch import nn
 
 import nddrify
 from nddrify.graph_analysis import stage_ends, stage_module
@@ -237,3 +238,33 @@ def test_declared_points_follow_timm_feature_info() -> None:
     assert nddrify.plan(models).levels[0].points[0].name == "maxpool"  # the graph's choice
     with pytest.raises(nddrify.errors.PointError, match="declares no feature_info"):
         nddrify.plan([tv.resnet18(), tv.resnet18()], points="declared")
+
+
+def test_few_automatic_levels_and_points_inside_blocks_warn() -> None:
+    import warnings
+
+    x = torch.randn(1, 3, 32, 32)
+
+    class Flat(nn.Module):  # stem, pool, block, pool, 1×1 head: two stage ends
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+            self.pool1 = nn.MaxPool2d(2)
+            self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+            self.pool2 = nn.MaxPool2d(2)
+            self.head = nn.Conv2d(8, 3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.pool2(self.block(self.pool1(self.stem(x)))))
+
+    with pytest.warns(UserWarning, match=r"found only 2 fusion level\(s\)") as record:
+        plan = nddrify.plan([Flat(), Flat()], example_input=x)
+    assert plan.points("task0") == ["pool1", "pool2"]  # never the head's logits
+    assert len(record) == 1
+    models = [torchvision.models.resnet18(), torchvision.models.resnet18()]
+    with pytest.warns(UserWarning, match=r"'layer1.0.conv2'.*inside the block 'layer1.0'"):
+        nddrify.plan(models, points=["layer1.0.conv2", "layer2"], example_input=x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # block outputs, 5 automatic levels: no warning
+        nddrify.plan(models, points=["layer1", "layer2"], example_input=x)
+        nddrify.plan(models, example_input=x)

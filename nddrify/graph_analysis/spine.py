@@ -37,6 +37,7 @@ __all__ = [
     "feature_shape",
     "is_feature_map",
     "gate_inputs",
+    "context_inputs",
     "head_nodes",
     "pyramid_branches",
     "trunk_nodes",
@@ -190,14 +191,29 @@ def head_nodes(graph: fx.Graph) -> set[fx.Node]:
     return head
 
 
+_MATMULS = {operator.matmul, torch.matmul, torch.bmm}
+
+
+def context_inputs(node: fx.Node) -> set[fx.Node]:
+    """The context operand of an attention product (``q @ k.T``, ``attn @ v``): the second
+    operand of a matrix product, whose keys and values (often a spatially reduced map, as in
+    PVT/SegFormer attention) are read by the query but are not the trunk."""
+    is_matmul = (node.op == "call_function" and node.target in _MATMULS) or (
+        node.op == "call_method" and node.target in {"matmul", "bmm"}
+    )
+    inputs = tensor_inputs(node)
+    return {inputs[1]} if is_matmul and len(inputs) == 2 else set()
+
+
 def trunk_nodes(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes the output is computed from when the gate operand of every product is ignored (SE,
-    attention and pyramid gates are side branches, not the trunk)."""
+    """Nodes the output is computed from when the gate operand of every product and the context
+    operand of every matrix product are ignored (SE, attention and pyramid gates, attention
+    keys and values are side branches, not the trunk)."""
     output = _output(graph)
     trunk, stack = {output}, [output]
     while stack:
         node = stack.pop()
-        gates = gate_inputs(node)
+        gates = gate_inputs(node) | context_inputs(node)
         for source in node.all_input_nodes:
             if source not in trunk and source not in gates:
                 trunk.add(source)
