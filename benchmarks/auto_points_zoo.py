@@ -201,8 +201,9 @@ def sensible_tokens(graph: fx.Graph, points: list[fx.Node]) -> tuple[bool, list[
     areas = set()
     for point in points:
         name = point.meta.get("qualname", point.name)
-        if enclosing_block(point, graph) is not None:
-            reasons.append(f"{name} lies inside block {enclosing_block(point, graph)}")
+        block = enclosing_block(point, graph)
+        if block is not None:
+            reasons.append(f"{name} lies inside block {block}")
         if is_token_sequence(point):
             areas.add(token_area(point))
             if ends and order[point] > max(order[n] for n in ends):

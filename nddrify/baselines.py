@@ -44,6 +44,7 @@ from .layers.base import (
     check_init,
     check_positive_int,
     from_nchw,
+    on_grid,
     to_nchw,
 )
 
@@ -105,6 +106,7 @@ class CrossStitchLayer(FusionLayer):
             weight = weight[:, :, None].repeat(1, 1, channels)
         self.weight = nn.Parameter(weight)
         self.layouts = as_layouts(layouts, num_tasks)
+        self.on_grid = on_grid(self.layouts)
 
     @property
     def channels_last(self) -> tuple[bool, ...]:
@@ -112,13 +114,13 @@ class CrossStitchLayer(FusionLayer):
         return tuple(layout.name == "NHWC" for layout in self.layouts)
 
     def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        maps = to_nchw(features, self.layouts)
+        maps = to_nchw(features, self.layouts, self.on_grid)
         weight = self.weight if self.weight.dim() == 3 else self.weight[:, :, None]
         mixed = [  # one fresh tensor per task (not views of a stacked result)
             sum(weight[i, j].view(1, -1, 1, 1) * x_j for j, x_j in enumerate(maps))
             for i in range(len(maps))
         ]
-        return from_nchw(mixed, self.layouts, features)
+        return from_nchw(mixed, self.layouts, features, self.on_grid)
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,7 @@ class SluiceLayer(FusionLayer):
         self.weight = nn.Parameter(weight)
         self.subspaces = subspaces
         self.layouts = as_layouts(layouts, num_tasks)
+        self.on_grid = on_grid(self.layouts)
 
     @property
     def channels_last(self) -> tuple[bool, ...]:
@@ -212,7 +215,7 @@ class SluiceLayer(FusionLayer):
         return tuple(layout.name == "NHWC" for layout in self.layouts)
 
     def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        maps = to_nchw(features, self.layouts)
+        maps = to_nchw(features, self.layouts, self.on_grid)
         n, c, h, w = maps[0].shape
         k, s = len(maps), self.subspaces
         stacked = torch.stack(maps).reshape(k, n, s, c // s, h, w).transpose(1, 2)
@@ -221,7 +224,7 @@ class SluiceLayer(FusionLayer):
         outputs = [  # cat gives each task its own tensor (not a view of the mixed stack)
             torch.cat(list(mixed[i * s : (i + 1) * s]), dim=1) for i in range(k)
         ]
-        return from_nchw(outputs, self.layouts, features)
+        return from_nchw(outputs, self.layouts, features, self.on_grid)
 
 
 class LayerStitchLayer(FusionLayer):

@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, overload
 
-import torch
 from torch import nn
 
 from .kinds import UNSET, fusion_factory
@@ -26,7 +25,7 @@ from .layers import Activation, Init, Norm, ResizeMode, Shortcut
 from .planning import Points, plan
 from .rewriting import FusedGraphModule, rewrite
 from .submodules import SharedTrunkModels, Within, fuse_within
-from .tasks import TaskOptions, trace
+from .tasks import ExampleInputs, TaskOptions, trace
 
 __all__ = ["fuse"]
 
@@ -43,7 +42,7 @@ def fuse(
     subspaces: int | None = None,
     shortcut: bool | Shortcut = False,
     resize: bool | ResizeMode = False,
-    example_input: torch.Tensor | None = None,
+    example_input: ExampleInputs = None,
     trace_options: TaskOptions = None,
     within: None = None,
 ) -> FusedGraphModule: ...
@@ -61,7 +60,7 @@ def fuse(
     subspaces: int | None = None,
     shortcut: bool | Shortcut = False,
     resize: bool | ResizeMode = False,
-    example_input: torch.Tensor | None = None,
+    example_input: ExampleInputs = None,
     trace_options: TaskOptions = None,
     within: Within,
 ) -> SharedTrunkModels: ...
@@ -78,7 +77,7 @@ def fuse(
     subspaces: int | None = None,
     shortcut: bool | Shortcut = False,
     resize: bool | ResizeMode = False,
-    example_input: torch.Tensor | None = None,
+    example_input: ExampleInputs = None,
     trace_options: TaskOptions = None,
     within: Within | None = None,
 ) -> FusedGraphModule | SharedTrunkModels:

@@ -46,6 +46,7 @@ from .graph_analysis import (
     token_grid,
     token_spine,
 )
+from .graph_analysis.nodes import reached_from
 from .kinds import fusion_factory, kind_record, shortcut_record
 from .layers import Shortcut, as_shortcut
 from .meta import QUALNAME
@@ -120,14 +121,7 @@ def _close_names(name: str, traced: TracedModel) -> str:
 
 def _live_nodes(graph: fx.Graph) -> set[fx.Node]:
     """Nodes the output depends on."""
-    output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    live, stack = {output}, [output]
-    while stack:
-        for source in stack.pop().all_input_nodes:
-            if source not in live:
-                live.add(source)
-                stack.append(source)
-    return live
+    return reached_from(next(n for n in reversed(graph.nodes) if n.op == "output"), upstream=True)
 
 
 def _resolve(names: Sequence[str], traced: TracedModel) -> list[fx.Node]:

@@ -29,30 +29,8 @@ Example:
     >>> unregister_adapter(adapter)
 """
 
-from . import builtin
+from . import builtin, registry
 from .outputs import keep_output_class
-from .registry import (
-    TraceAdapter,
-    UntraceableModelError,
-    find_adapter,
-    noop,
-    patched,
-    register_adapter,
-    registered_adapters,
-    trunk_of,
-    unregister_adapter,
-)
+from .registry import *  # noqa: F403
 
-__all__ = [
-    "TraceAdapter",
-    "UntraceableModelError",
-    "register_adapter",
-    "unregister_adapter",
-    "registered_adapters",
-    "find_adapter",
-    "trunk_of",
-    "patched",
-    "noop",
-    "keep_output_class",
-    "builtin",
-]
+__all__ = [*registry.__all__, "keep_output_class", "builtin"]

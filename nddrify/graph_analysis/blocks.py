@@ -31,8 +31,8 @@ import torch.fx as fx
 
 from ..meta import QUALNAME
 from .annotation import annotate
-from .nodes import is_merge, reached_from, tensor_inputs
-from .spine import image_input, spine, tensor_digraph, trunk_target
+from .nodes import is_merge, reached_from, tensor_digraph, tensor_inputs
+from .spine import image_input, spine, trunk_target
 from .tokens import token_spine
 
 __all__ = ["enclosing_block", "block_regions"]

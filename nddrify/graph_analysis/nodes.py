@@ -9,13 +9,18 @@ from __future__ import annotations
 import operator
 from collections.abc import Collection
 
+import networkx as nx
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..meta import QUALNAME
+
 __all__ = [
     "reached_from",
+    "module_ancestors",
+    "tensor_digraph",
     "POOL_MODULES",
     "POOL_FUNCTIONS",
     "IDENTITY_MODULES",
@@ -173,12 +178,38 @@ def is_gate_activation(node: fx.Node) -> bool:
     return is_op(node, (), _GATE_FUNCTIONS)
 
 
-def reached_from(source: fx.Node) -> set[fx.Node]:
-    """``source`` and every node computed from it (its users, their users, ...)."""
+def reached_from(source: fx.Node, *, upstream: bool = False) -> set[fx.Node]:
+    """``source`` and every node computed from it (its users, their users, ...), or with
+    ``upstream=True`` every node it is computed from."""
     reached, stack = {source}, [source]
     while stack:
-        for user in stack.pop().users:
-            if user not in reached:
-                reached.add(user)
-                stack.append(user)
+        node = stack.pop()
+        for other in node.all_input_nodes if upstream else node.users:
+            if other not in reached:
+                reached.add(other)
+                stack.append(other)
     return reached
+
+
+def module_ancestors(node: fx.Node) -> list[str]:
+    """Module paths containing ``node``, outermost first (a leaf module call included):
+    ``["layer1", "layer1.0"]`` for ``layer1.0.relu``."""
+    parts = str(node.meta.get(QUALNAME, "")).split(".")
+    if node.op != "call_module":
+        parts = parts[:-1]
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def tensor_digraph(graph: fx.Graph) -> nx.DiGraph:
+    """The graph as a networkx digraph (an edge from each node to each user) over tensor values
+    only: sizes read off a value (``x.shape``, a block's ``feat_size``) and passed on to later
+    layers are no path of features. Non-tensor nodes that pack the output (a ``ModelOutput``,
+    a dict) are kept."""
+    dg = nx.DiGraph()
+    for node in graph.nodes:
+        packs_output = any(user.op == "output" for user in node.users)
+        if shape_of(node) is None and node.op not in ("output", "placeholder") and not packs_output:
+            continue
+        dg.add_node(node)
+        dg.add_edges_from((node, user) for user in node.users)
+    return dg

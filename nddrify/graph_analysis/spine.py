@@ -44,7 +44,6 @@ __all__ = [
     "trunk_target",
     "spine",
     "digraph",
-    "tensor_digraph",
     "image_input",
 ]
 
@@ -257,20 +256,6 @@ def digraph(graph: fx.Graph) -> nx.DiGraph:
         dg.add_node(node)
         for user in node.users:
             dg.add_edge(node, user)
-    return dg
-
-
-def tensor_digraph(graph: fx.Graph) -> nx.DiGraph:
-    """:func:`digraph` over tensor values only: sizes read off a value (``x.shape``, a block's
-    ``feat_size``) and passed on to later layers are no path of features. Non-tensor nodes that
-    pack the output (a ``ModelOutput``, a dict) are kept."""
-    dg = nx.DiGraph()
-    for node in graph.nodes:
-        packs_output = any(user.op == "output" for user in node.users)
-        if shape_of(node) is None and node.op not in ("output", "placeholder") and not packs_output:
-            continue
-        dg.add_node(node)
-        dg.add_edges_from((node, user) for user in node.users)
     return dg
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..tracing import QUALNAME
-from .nodes import has_parameters, is_noop, is_pool, module_of, tensor_inputs
+from .nodes import has_parameters, is_noop, is_pool, module_ancestors, module_of, tensor_inputs
 from .spine import feature_shape, is_feature_map, spine
 
 __all__ = ["stage_ends", "stage_module"]
@@ -45,11 +45,7 @@ class _Modules:
     @staticmethod
     def ancestors(node: fx.Node) -> list[str]:
         """Module paths containing ``node``, outermost first (a leaf module call included)."""
-        qualname = node.meta.get(QUALNAME, "")
-        parts = qualname.split(".")
-        if node.op != "call_module":
-            parts = parts[:-1]
-        return [".".join(parts[: i + 1]) for i in range(len(parts))]
+        return module_ancestors(node)
 
     @staticmethod
     def ancestors_of_module(module: str) -> list[str]:

@@ -42,7 +42,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..meta import LAYOUT, QUALNAME, TOKENS
+from ..meta import LAYOUT, TOKENS
 from .layout import (
     NHWC,
     ChannelsFirstTokens,
@@ -51,7 +51,7 @@ from .layout import (
     _is_movement,
     _moved_dims,
 )
-from .nodes import is_op, shape_of, tensor_inputs
+from .nodes import is_op, module_ancestors, shape_of, tensor_digraph, tensor_inputs
 
 __all__ = [
     "TokenGrid",
@@ -231,8 +231,6 @@ def _token_chain(graph: fx.Graph) -> list[fx.Node]:
     last one the output depends on), that sequence included, in execution order. The target is
     not the output itself: a DPT-style neck reads several blocks, which would leave no block
     that every path to the output passes through."""
-    from .spine import tensor_digraph  # spine imports annotation, which imports this module
-
     dg = tensor_digraph(graph)
     source = next(n for n in graph.nodes if n.op == "placeholder")
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
@@ -253,13 +251,6 @@ def token_spine(graph: fx.Graph) -> list[fx.Node]:
     return [n for n in _token_chain(graph) if is_token_sequence(n)]
 
 
-def _ancestors(node: fx.Node) -> list[str]:
-    parts = str(node.meta.get(QUALNAME, "")).split(".")
-    if node.op != "call_module":
-        parts = parts[:-1]
-    return [".".join(parts[: i + 1]) for i in range(len(parts))]
-
-
 def _pattern(module: str) -> str:
     """``stages.#.blocks`` for ``stages.2.blocks``, ``serial_blocks#`` for ``serial_blocks3``."""
     return re.sub(r"\d+", "#", module)
@@ -272,7 +263,7 @@ def token_blocks(graph: fx.Graph, spine_nodes: Sequence[fx.Node]) -> list[tuple[
     last: dict[str, fx.Node] = {}
     for node in graph.nodes:
         if node.op not in ("placeholder", "output"):
-            for module in _ancestors(node):
+            for module in module_ancestors(node):
                 last[module] = node
     on_spine = set(spine_nodes)
     ending = [(m, n) for m, n in last.items() if n in on_spine and "." in m]

@@ -42,6 +42,7 @@ from .base import (
     from_nchw,
     make_activation,
     make_norm,
+    on_grid,
     resize_bilinear,
     to_nchw,
 )
@@ -66,6 +67,7 @@ class _PerTaskOutputs(FusionLayer):
         self.norms = nn.ModuleList(make_norm(norm, c) for c in channels)
         self.activations = nn.ModuleList(make_activation(activation, n) for n in nonnegative)
         self.layouts = as_layouts(layouts, count)
+        self.on_grid = on_grid(self.layouts)
 
     @property
     def channels_last(self) -> tuple[bool, ...]:
@@ -76,7 +78,7 @@ class _PerTaskOutputs(FusionLayer):
         self, mixed: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, ...]:
         outputs = [act(norm(x)) for x, norm, act in zip(mixed, self.norms, self.activations)]
-        return from_nchw(outputs, self.layouts, inputs)
+        return from_nchw(outputs, self.layouts, inputs, self.on_grid)
 
     def extra_repr(self) -> str:
         shown = [layout.name for layout in self.layouts]
@@ -156,7 +158,7 @@ class NDDRLayer(_PerTaskOutputs):
                 norm.reset_parameters()
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        features = to_nchw(inputs, self.layouts)
+        features = to_nchw(inputs, self.layouts, self.on_grid)
         if self.resize is None:
             stacked = torch.cat(features, dim=1)
             # One convolution per task: each output is its own tensor (not a view of a shared
@@ -218,7 +220,7 @@ class NDDRLowRankLayer(_PerTaskOutputs):
         self._set_outputs(self.in_channels, norm, activation, nonnegative, layouts)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        features = to_nchw(inputs, self.layouts)
+        features = to_nchw(inputs, self.layouts, self.on_grid)
         low = self.down(torch.cat(features, dim=1))
         outputs = []
         for i, (c_i, up) in enumerate(zip(self.in_channels, self.ups)):
@@ -296,7 +298,7 @@ class NDDRGroupedLayer(_PerTaskOutputs):
             weight.copy_(matrix.repeat(self.groups, 1)[:, :, None, None])
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        features = to_nchw(inputs, self.layouts)
+        features = to_nchw(inputs, self.layouts, self.on_grid)
         stacked = torch.cat(features, dim=1).index_select(1, self.group_order)
         grouped = self.conv(stacked)
         bounds = torch.tensor((0, *self.in_channels)).cumsum(0).tolist()
