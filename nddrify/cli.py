@@ -1,248 +1,217 @@
-"""Command line: ``nddrify inspect`` shows where models would be fused; ``nddrify demo`` fuses two
-torchvision models end to end.
+"""Command line: ``nddrify inspect`` shows where models would be fused, ``nddrify fuse`` writes a
+fused model, ``nddrify export`` turns one into ONNX or a torch.export program, ``nddrify demo``
+fuses two torchvision models end to end.
 
 Examples::
 
     nddrify inspect torchvision:vgg16 torchvision:vgg16 --input 1,3,224,224
     nddrify inspect timm:resnet50 timm:resnet50 --points layer1,layer2 --all
-    nddrify inspect "torchvision:resnet50(replace_stride_with_dilation=[False, True, True])" \\
-        torchvision:resnet50 --json
+    nddrify fuse torchvision:resnet18 torchvision:resnet18 --tasks seg,depth -o fused.pt
+    nddrify export fused.pt --onnx fused.onnx
     python -m nddrify demo
 
-A SPEC is ``torchvision:NAME``, ``timm:NAME`` (built with ``pretrained=False``: nothing is
-downloaded) or ``package.module:callable``, optionally followed by literal keyword arguments in
-parentheses.
+A SPEC is ``torchvision:NAME``, ``timm:NAME`` (built without pretrained weights: nothing is
+downloaded) or ``module:callable`` (the working directory is importable, as with
+``python -m``), optionally followed by literal keyword arguments in parentheses.
+
+This module imports nothing heavy: ``nddrify --help`` and ``nddrify --version`` answer before
+torch is loaded; the commands themselves live in :mod:`nddrify.cli_commands`.
+
+Example:
+    >>> main(["--version"])  # doctest: +ELLIPSIS
+    nddrify 0.1.0 (torch ..., Python ...)
+    0
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
-import time
 from collections.abc import Sequence
-from typing import Any
+from typing import NoReturn
 
-import torch
+__all__ = ["main", "build_parser", "cli_terms"]
 
-from .errors import NddrifyError, SpecError
-from .specs import load_spec
+# Python-API wording in library errors → the flags of this command line.
+_CLI_TERMS = [
+    (re.compile(r"\bpoints=N\b"), "--points N"),
+    (re.compile(r"\bpoints=['\"]?(auto|declared)['\"]?"), r"--points \1"),
+    (re.compile(r"\bpoints=(\d+)"), r"--points \1"),
+    (re.compile(r"\bpass resize=True\b"), "pass --resize"),
+    (re.compile(r"\bresize=True\b"), "--resize"),
+    (re.compile(r"\bshortcut=True\b"), "--shortcut"),
+    (re.compile(r"\bexample_input=(?!\{)\s*"), "--input "),
+    (re.compile(r"\bexample_input=\{[^}]*\}"), "--input N,C,H,W once per task"),
+    (re.compile(r"\bexample_input\b"), "--input"),
+    (re.compile(r"\bsubspaces="), "--subspaces "),
+    (re.compile(r"\bfusion=['\"](\w+)['\"]"), r"--fusion \1"),
+    (re.compile(r"nddrify\.get_fusion_candidates\(model\)"), "nddrify inspect SPEC SPEC --all"),
+]
 
-__all__ = ["main", "build_parser"]
+
+def cli_terms(message: str) -> str:
+    """A library error message in the command line's terms (``points=N`` → ``--points N``).
+
+    Example:
+        >>> cli_terms("pass points=N to fuse fewer levels, or resize=True")
+        'pass --points N to fuse fewer levels, or --resize'
+    """
+    for pattern, replacement in _CLI_TERMS:
+        message = pattern.sub(replacement, message)
+    return message
 
 
-def _parse_input(text: str) -> tuple[int, ...]:
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        raise SpecError(
-            f"--input {text!r} must be comma-separated integers such as 1,3,224,224."
-        ) from None
-    if len(shape) != 4 or min(shape) < 1:
-        raise SpecError(f"--input {text!r} must give four positive sizes N,C,H,W.")
-    return shape
+        torch_version = version("torch")
+    except PackageNotFoundError:  # pragma: no cover - torch is a dependency
+        torch_version = "not installed"
+    from . import __version__
+
+    python = ".".join(map(str, sys.version_info[:3]))
+    return f"nddrify {__version__} (torch {torch_version}, Python {python})"
 
 
-def _parse_points(text: str | None) -> Any:
-    if text is None or text == "auto":
-        return "auto"
-    if text.isdigit():
-        return int(text)
-    if ";" in text:  # per-task lists: "a,b;c,d"
-        return [[p for p in part.split(",") if p] for part in text.split(";")]
-    return [p for p in text.split(",") if p]
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors come out as JSON under ``--json``."""
+
+    json_errors = False
+
+    def error(self, message: str) -> NoReturn:
+        if _Parser.json_errors:
+            print(json.dumps({"error": {"type": "UsageError", "message": message}}))
+            self.exit(2)
+        super().error(message)
 
 
-def _inspect(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from .kinds import fusion_factory
-    from .layers import NDDR
-    from .planning import candidate_list
-    from .planning import plan as make_plan
-    from .tasks import trace
-
-    console = Console()
-    models = [load_spec(spec) for spec in args.specs]
-    example = torch.randn(*_parse_input(args.input)) if args.input else None
-    start = time.perf_counter()
-    factory = fusion_factory(
-        None if args.fusion == "nddr" else args.fusion, subspaces=args.subspaces
-    )
-    if args.rank is not None or args.groups is not None:
-        if args.fusion != "nddr":
-            raise SpecError("--rank and --groups apply to --fusion nddr only.")
-        factory = NDDR(rank=args.rank, groups=args.groups or 1)
-    traced = trace(models, example_input=example)
-    plan = make_plan(traced, _parse_points(args.points), fusion=factory)
-    elapsed = time.perf_counter() - start
-    candidates = {t.task: candidate_list(t) for t in traced} if args.all else {}
-    if args.json:
-        payload = {
-            "specs": args.specs,
-            "tasks": list(plan.tasks),
-            "levels": [
-                {
-                    "level": lv.index + 1,
-                    "weights": lv.weights,
-                    "norm_params": lv.norm_params,
-                    "points": [
-                        {"task": p.task, "name": p.name, "node": p.node, "shape": list(p.shape)}
-                        for p in lv.points
-                    ],
-                }
-                for lv in plan.levels
-            ],
-            "overhead": {
-                "fusion_weights": plan.overhead.fusion_weights,
-                "fusion_norm_params": plan.overhead.fusion_norm_params,
-                "model_params": list(plan.model_params),
-                "relative_per_task": plan.overhead.relative_per_task,
-            },
-            "candidates": {
-                task: [
-                    {"name": c.name, "node": c.node, "shape": list(c.shape), "auto": c.auto}
-                    for c in cands
-                ]
-                for task, cands in candidates.items()
-            },
-            "seconds": round(elapsed, 3),
-        }
-        print(json.dumps(payload, indent=2))
-        return 0
-    for task, spec in zip(plan.tasks, args.specs):
-        if task in candidates:
-            table = Table(title=f"{task} = {spec}: fusion candidates (spine feature maps)")
-            for column in ("", "name", "node", "C×H×W"):
-                table.add_column(column)
-            chosen = set(plan.points(task))
-            for c in candidates[task]:
-                table.add_row(
-                    "✓" if c.node in chosen else ("auto" if c.auto else ""),
-                    c.name,
-                    c.node,
-                    "×".join(map(str, c.shape[1:])),
-                )
-            console.print(table)
-    console.print(plan)
-    console.print(f"planned in {elapsed:.2f} s")
-    return 0
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from . import fuse, plan
-    from .training import overhead, task_state_dict
-
-    console = Console(soft_wrap=True)
-    torch.manual_seed(0)
-    models = {"seg": load_spec(args.model), "normal": load_spec(args.model)}
-    for model in models.values():
-        model.eval()
-    image = torch.randn(2, 3, args.size, args.size)
-    console.rule(f"nddrify demo: two {args.model} models → one NDDR multi-task model")
-    console.print(plan(models, example_input=image))
-
-    start = time.perf_counter()
-    identity = fuse(models, example_input=image, init=(1.0, 0.0), norm=None, activation=None).eval()
-    fuse_seconds = time.perf_counter() - start
-    with torch.no_grad():
-        fused_out = identity(image)
-        diffs = {t: float((fused_out[t] - m(image)).abs().max()) for t, m in models.items()}
-    console.print(
-        f"fuse() took {fuse_seconds:.2f} s. With init=(1, 0), norm=None, activation=None the fused "
-        f"model reproduces each original: max |Δ| = {diffs}"
-    )
-
-    fused = fuse(models, example_input=image)
-    fused.train()
-    out = fused(image)
-    loss = sum(o.float().pow(2).mean() for o in out.values())
-    loss.backward()
-    no_grad = [n for n, p in fused.named_parameters() if p.grad is None]
-    console.print(
-        f"Default fused model (init (0.9, 0.1), BatchNorm, auto activation): outputs "
-        f"{ {t: tuple(o.shape) for t, o in out.items()} }, one backward pass, parameters without "
-        f"gradient: {len(no_grad)}."
-    )
-    console.print(f"Overhead: {overhead(fused)}")
-    seg_weights = task_state_dict(fused, "seg")
-    console.print(
-        f"task_state_dict(fused, 'seg') gives back {len(seg_weights)} tensors under the original keys."
-    )
-    console.print("\n[bold]Generated forward (print(fused.code)):[/bold]")
-    console.print(fused.code.strip(), markup=False, highlight=False)
-    worst = max(diffs.values())
-    status = 0 if worst <= 1e-5 and not no_grad else 1
-    if args.no_train:
-        return status
-    # The recipes' end-to-end run: single-task networks → NDDR-fused network on synthetic scenes.
-    # The application plugs it in through the "nddrify.commands" entry point (pyproject.toml);
-    # the library never imports the recipes.
-    from importlib.metadata import entry_points
-
-    found = [ep for ep in entry_points(group="nddrify.commands") if ep.name == "demo"]
-    missing = (
-        "the training part of nddrify demo comes from the recipes (the repository's recipes/ "
-        "folder, installed as nddrify_recipes), which are not installed: from a clone of the "
-        'repository run pip install -e ".[dev]", or skip it with --no-train.'
-    )
-    if not found:
-        raise SpecError(missing)
-    try:
-        train_demo = found[0].load()
-    except ModuleNotFoundError as err:
-        if err.name and err.name.partition(".")[0] == found[0].module.partition(".")[0]:
-            raise SpecError(missing) from err
-        raise
-
-    console.rule("Training on synthetic scenes: single-task networks → NDDR-fused network")
-    return status or train_demo(["--out", args.out])
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nddrify",
-        description="Fuse single-task PyTorch models into one NDDR multi-task model.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    inspect_cmd = sub.add_parser(
-        "inspect", help="show the candidate and chosen fusion points and the overhead"
-    )
-    inspect_cmd.add_argument(
+def _add_models(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument(
         "specs",
         nargs="+",
         metavar="SPEC",
-        help="torchvision:NAME, timm:NAME or package.module:callable, one per task",
+        help="one model per task: torchvision:NAME, timm:NAME or module:callable, each "
+        "optionally with literal keyword arguments, e.g. 'torchvision:resnet50(num_classes=21)'",
     )
-    inspect_cmd.add_argument("--input", help="example input shape N,C,H,W (default 1,3,224,224)")
-    inspect_cmd.add_argument(
+    cmd.add_argument(
+        "--tasks", metavar="A,B", help="task names in SPEC order (default task0, task1, …)"
+    )
+    cmd.add_argument(
+        "--input",
+        action="append",
+        metavar="N,C,H,W",
+        help="example input shape (default: the model's own, else 1,3,224,224); give it once "
+        "per task when the tasks take inputs of different sizes",
+    )
+    cmd.add_argument(
         "--points",
-        help="'auto' (default), an int N, names 'a,b' for all tasks, or 'a,b;c,d' per task",
+        help="'auto' (default: stage ends found from the graph), 'declared' (timm's "
+        "feature_info), an int N (the last N automatic levels), names 'a,b' for every task, or "
+        "'a,b;c,d' per task",
     )
-    inspect_cmd.add_argument(
-        "--all", action="store_true", help="list every candidate, not only the chosen"
-    )
-    inspect_cmd.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    inspect_cmd.add_argument(
+    cmd.add_argument(
         "--fusion",
         default="nddr",
         choices=["nddr", "cross_stitch", "sluice"],
-        help="fusion kind whose parameters are counted (default nddr)",
+        help="fusion kind (default nddr)",
     )
-    inspect_cmd.add_argument("--rank", type=int, help="low-rank NDDR: rank r (ΣC → r → C_i)")
-    inspect_cmd.add_argument("--groups", type=int, help="grouped NDDR: number of groups")
-    inspect_cmd.add_argument("--subspaces", type=int, help="sluice: subspaces per task (default 2)")
-    inspect_cmd.set_defaults(run=_inspect)
+    cmd.add_argument("--rank", type=int, help="low-rank NDDR: rank r (ΣC → r → C_i)")
+    cmd.add_argument("--groups", type=int, help="grouped NDDR: number of groups")
+    cmd.add_argument("--subspaces", type=int, help="sluice: subspaces per task (default 2)")
+    cmd.add_argument("--shortcut", action="store_true", help="add the NDDR-Shortcut (paper Fig. 3)")
+    cmd.add_argument(
+        "--resize",
+        action="store_true",
+        help="fuse maps of different sizes, each resized to the task's own (bilinear)",
+    )
+    _add_common(cmd)
+
+
+def _add_common(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--json", action="store_true", help="print JSON (errors too)")
+    _add_threads(cmd)
+
+
+def _add_threads(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads (default torch's: one per core; on a machine shared with other "
+        "work, 1 is often much faster)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``nddrify`` argument parser (building it imports nothing heavy)."""
+    parser = _Parser(
+        prog="nddrify",
+        description="Fuse single-task PyTorch models into one NDDR multi-task model.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    inspect_cmd = sub.add_parser(
+        "inspect", help="show the candidate and chosen fusion points and the overhead"
+    )
+    _add_models(inspect_cmd)
+    inspect_cmd.add_argument(
+        "--all", action="store_true", help="list every candidate, not only the chosen"
+    )
+    inspect_cmd.set_defaults(run="inspect_command")
+
+    fuse_cmd = sub.add_parser(
+        "fuse", help="fuse the models and write an nddrify checkpoint (nddrify.load reads it)"
+    )
+    _add_models(fuse_cmd)
+    fuse_cmd.add_argument(
+        "-o", "--output", default="fused.pt", metavar="FILE", help="checkpoint (default fused.pt)"
+    )
+    fuse_cmd.add_argument(
+        "--init", metavar="A,B", help="NDDR / cross-stitch init (default 0.9,0.1)"
+    )
+    fuse_cmd.add_argument("--force", action="store_true", help="replace an existing FILE")
+    fuse_cmd.set_defaults(run="fuse_command")
+
+    export_cmd = sub.add_parser(
+        "export",
+        help="export a checkpoint written by 'nddrify fuse' (or nddrify.save) to ONNX or a "
+        "torch.export program; outputs are named after the tasks",
+    )
+    export_cmd.add_argument("checkpoint", metavar="FILE", help="an nddrify checkpoint")
+    export_cmd.add_argument("--onnx", metavar="OUT.onnx", help="write an ONNX model")
+    export_cmd.add_argument(
+        "--pt2", metavar="OUT.pt2", help="write a torch.export program (torch.export.load)"
+    )
+    export_cmd.add_argument(
+        "--input",
+        action="append",
+        metavar="N,C,H,W",
+        help="example input shape (default: the one the model was fused with); once per task "
+        "when the model takes one input per task",
+    )
+    export_cmd.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    export_cmd.add_argument("--force", action="store_true", help="replace existing outputs")
+    export_cmd.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip running the export (ONNX Runtime / torch.export.load) against the model",
+    )
+    _add_common(export_cmd)
+    export_cmd.set_defaults(run="export_command")
+
     demo = sub.add_parser(
         "demo",
         help="fuse two torchvision models and check identity at init, then train single-task "
         "and NDDR-fused networks on synthetic scenes and compare their metrics",
     )
     demo.add_argument(
-        "--model", default="torchvision:resnet18", help="model spec (default resnet18)"
+        "--model",
+        default="torchvision:resnet18",
+        help="model spec; a bare name means torchvision (default torchvision:resnet18)",
     )
     demo.add_argument("--size", type=int, default=128, help="input height and width (default 128)")
     demo.add_argument(
@@ -254,19 +223,44 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--out", default="runs/demo", help="folder for the training runs (default runs/demo)"
     )
-    demo.set_defaults(run=_demo)
+    _add_threads(demo)
+    demo.set_defaults(run="demo_command")
     return parser
 
 
+def _report_error(kind: str, message: str, as_json: bool, warned: Sequence[str] = ()) -> None:
+    if as_json:
+        print(json.dumps({"error": {"type": kind, "message": message}, "warnings": list(warned)}))
+    else:
+        print(f"nddrify: error: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``nddrify`` command."""
+    """Entry point of the ``nddrify`` command; returns the exit status (2 on bad input, 130
+    when interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _Parser.json_errors = "--json" in argv
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except NddrifyError as err:
-        print(f"nddrify: error: {err}", file=sys.stderr)
+    if args.version:
+        print(_version())
+        return 0
+    if args.command is None:
+        parser.print_help()
         return 2
+    as_json = bool(getattr(args, "json", False))
+    from . import cli_commands
+    from .errors import NddrifyError
+
+    warned: list[str] = []
+    try:
+        return getattr(cli_commands, args.run)(args, warned)
+    except NddrifyError as err:
+        _report_error(type(err).__name__, cli_terms(str(err)), as_json, warned)
+        return 2
+    except KeyboardInterrupt:
+        _report_error("Interrupted", "interrupted (Ctrl-C); nothing was written.", as_json)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

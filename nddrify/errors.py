@@ -30,6 +30,7 @@ __all__ = [
     "SpecError",
     "CheckpointError",
     "BatchingError",
+    "ExportError",
 ]
 
 
@@ -88,3 +89,8 @@ class CheckpointError(NddrifyError, ValueError):
 class BatchingError(NddrifyError, ValueError):
     """``batch_tasks`` got something it cannot batch (not a fused model, a bad option), or
     ``sync`` got a model whose weights do not match."""
+
+
+class ExportError(NddrifyError, RuntimeError):
+    """A fused model cannot be exported (ONNX, ``torch.export``): the exporter failed, a package
+    it needs is missing, or the model is not one nddrify built."""

@@ -15,7 +15,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,12 +158,23 @@ class Overhead:
         fusion_weights: 1×1 conv weights of all fusion layers (and the shortcut).
         fusion_norm_params: affine parameters of their norms.
         model_params: parameters of each original model, in task order.
+        kind: the fusion kind's display name.
+        weights_by_task: each task's share of ``fusion_weights`` (see
+            :attr:`relative_by_task`), in task order.
+        tasks: the task names, in order.
+
+    Example:
+        >>> print(Overhead(1000, 10, (10_000, 40_000), weights_by_task=(400, 600),
+        ...                tasks=("seg", "depth")))
+        1,000 fusion 1×1 weights (seg 400 = 4.00% of its 10,000, depth 600 = 1.50% of its 40,000) + 10 norm parameters
     """
 
     fusion_weights: int
     fusion_norm_params: int
     model_params: tuple[int, ...]
     kind: str = "NDDR"
+    weights_by_task: tuple[int, ...] = ()
+    tasks: tuple[str, ...] = ()
 
     @property
     def fusion_params(self) -> int:
@@ -178,14 +189,39 @@ class Overhead:
         """Fusion weights per task over the mean size of one original model."""
         return self.weights_per_task / (sum(self.model_params) / len(self.model_params))
 
+    @property
+    def relative_by_task(self) -> tuple[float, ...]:
+        """Each task's share of the fusion weights over that task's own model size (the share
+        of a layer is the part producing the task's channels: exact for NDDR's per-task 1×1
+        convs, split by output channels for layers mixing all tasks at once)."""
+        shares = self.weights_by_task or (self.weights_per_task,) * len(self.model_params)
+        return tuple(w / max(m, 1) for w, m in zip(shares, self.model_params))
+
     def __str__(self) -> str:
         what = "fusion 1×1 weights" if self.kind == "NDDR" else f"{self.kind} weights"
-        return (
-            f"{self.fusion_weights:,} {what} ({self.weights_per_task:,.0f} per task = "
-            f"{100 * self.relative_per_task:.2f}% of one model's "
-            f"{sum(self.model_params) // len(self.model_params):,}) + "
-            f"{self.fusion_norm_params:,} norm parameters"
+        norms = f" + {self.fusion_norm_params:,} norm parameters"
+        if len(set(self.model_params)) <= 1 or not self.weights_by_task:
+            return (
+                f"{self.fusion_weights:,} {what} ({self.weights_per_task:,.0f} per task = "
+                f"{100 * self.relative_per_task:.2f}% of one model's "
+                f"{sum(self.model_params) // len(self.model_params):,}){norms}"
+            )
+        names = self.tasks or tuple(f"task{i}" for i in range(len(self.model_params)))
+        parts = ", ".join(
+            f"{name} {w:,} = {100 * r:.2f}% of its {m:,}"
+            for name, w, r, m in zip(
+                names, self.weights_by_task, self.relative_by_task, self.model_params
+            )
         )
+        return f"{self.fusion_weights:,} {what} ({parts}){norms}"
+
+
+def _split_by_channels(total: int, channels: Sequence[int]) -> list[int]:
+    """``total`` split in proportion to ``channels``, in integers that sum to ``total``."""
+    whole = sum(channels)
+    shares = [total * c // whole for c in channels]
+    shares[-1] += total - sum(shares)
+    return shares
 
 
 @dataclass(frozen=True)
@@ -229,7 +265,21 @@ class Plan:
             + self.shortcut_norm_params,
             model_params=self.model_params,
             kind=self.fusion_kind,
+            weights_by_task=self._weights_by_task(),
+            tasks=self.tasks,
         )
+
+    def _weights_by_task(self) -> tuple[int, ...]:
+        if not self.levels:
+            return ()
+        by_task = [0] * len(self.tasks)
+        for level in self.levels:
+            for i, share in enumerate(_split_by_channels(level.weights, level.channels)):
+                by_task[i] += share
+        last = self.levels[-1].channels
+        for i, share in enumerate(_split_by_channels(self.shortcut_weights, last)):
+            by_task[i] += share
+        return tuple(by_task)
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON-safe values (lists, dicts, strings, numbers, booleans, None)."""

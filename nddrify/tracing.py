@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -28,9 +29,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
-import torchvision
 from torch import nn
-from torchvision.models.feature_extraction import NodePathTracer
 
 from .adapters import TraceAdapter, UntraceableModelError, find_adapter, patched
 from .adapters.concrete import metadata_tracer
@@ -139,52 +138,60 @@ class TracedModel:
 _PLAIN_ARGUMENT = (int, float, bool, str, type(None), torch.dtype, torch.device)
 
 
-class _Tracer(NodePathTracer):
-    """torchvision's NodePathTracer that remembers the innermost module it failed in, and records
-    every traced-through submodule call as a :class:`~nddrify.meta.ModuleCall` on its result's
-    ``meta[MODULE_CALLS]``."""
+@functools.cache
+def _tracer_class() -> type:
+    """The tracer class, built on first use: torchvision (whose import pulls in torch._dynamo)
+    is imported when a model is traced, not when nddrify is."""
+    from torchvision.models.feature_extraction import NodePathTracer
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.failed_module: str | None = None
-        self.model: nn.Module | None = None  # the model an adapter's call runs (see _entry)
+    class _Tracer(NodePathTracer):
+        """torchvision's NodePathTracer that remembers the innermost module it failed in, and records
+        every traced-through submodule call as a :class:`~nddrify.meta.ModuleCall` on its result's
+        ``meta[MODULE_CALLS]``."""
 
-    def call_module(self, m: nn.Module, forward: Callable, args: Any, kwargs: Any) -> Any:
-        if m is self.model:
-            return forward(*args, **kwargs)  # the model itself, called by an adapter's call
-        last = next(iter(reversed(self.graph.nodes)), None)
-        try:
-            result = super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed_module is None:
-                self.failed_module = self.path_of_module(m)
-            raise
-        self._record_call(m, last, args, kwargs, result)
-        return result
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.failed_module: str | None = None
+            self.model: nn.Module | None = None  # the model an adapter's call runs (see _entry)
 
-    def _record_call(
-        self, m: nn.Module, last: fx.Node | None, args: Any, kwargs: Any, result: Any
-    ) -> None:
-        if not isinstance(result, fx.Proxy) or result.node.graph is not self.graph:
-            return
-        nodes = []
-        node = last.next if last is not None else next(iter(self.graph.nodes), None)
-        while node is not None and node.op != "root":
-            nodes.append(node)
-            node = node.next
-        if len(nodes) < 2 or nodes[-1] is not result.node:
-            return  # a leaf call (already one node), or a result made before the call
-        leaves = pytree.tree_leaves((args, kwargs))
-        if not all(isinstance(v, (fx.Proxy, *_PLAIN_ARGUMENT)) for v in leaves):
-            return
-        unwrap = lambda v: v.node if isinstance(v, fx.Proxy) else v  # noqa: E731
-        call = ModuleCall(
-            path=self.path_of_module(m),
-            nodes=tuple(nodes),
-            args=tuple(pytree.tree_map(unwrap, tuple(args))),
-            kwargs=dict(pytree.tree_map(unwrap, dict(kwargs))),
-        )
-        result.node.meta[MODULE_CALLS] = (*result.node.meta.get(MODULE_CALLS, ()), call)
+        def call_module(self, m: nn.Module, forward: Callable, args: Any, kwargs: Any) -> Any:
+            if m is self.model:
+                return forward(*args, **kwargs)  # the model itself, called by an adapter's call
+            last = next(iter(reversed(self.graph.nodes)), None)
+            try:
+                result = super().call_module(m, forward, args, kwargs)
+            except Exception:
+                if self.failed_module is None:
+                    self.failed_module = self.path_of_module(m)
+                raise
+            self._record_call(m, last, args, kwargs, result)
+            return result
+
+        def _record_call(
+            self, m: nn.Module, last: fx.Node | None, args: Any, kwargs: Any, result: Any
+        ) -> None:
+            if not isinstance(result, fx.Proxy) or result.node.graph is not self.graph:
+                return
+            nodes = []
+            node = last.next if last is not None else next(iter(self.graph.nodes), None)
+            while node is not None and node.op != "root":
+                nodes.append(node)
+                node = node.next
+            if len(nodes) < 2 or nodes[-1] is not result.node:
+                return  # a leaf call (already one node), or a result made before the call
+            leaves = pytree.tree_leaves((args, kwargs))
+            if not all(isinstance(v, (fx.Proxy, *_PLAIN_ARGUMENT)) for v in leaves):
+                return
+            unwrap = lambda v: v.node if isinstance(v, fx.Proxy) else v  # noqa: E731
+            call = ModuleCall(
+                path=self.path_of_module(m),
+                nodes=tuple(nodes),
+                args=tuple(pytree.tree_map(unwrap, tuple(args))),
+                kwargs=dict(pytree.tree_map(unwrap, dict(kwargs))),
+            )
+            result.node.meta[MODULE_CALLS] = (*result.node.meta.get(MODULE_CALLS, ()), call)
+
+    return _Tracer
 
 
 def _timm_notrace() -> tuple[list[type], list[Callable]]:
@@ -196,7 +203,8 @@ def _timm_notrace() -> tuple[list[type], list[Callable]]:
 
 
 def _torchvision_ops_leaf_modules() -> list[type]:
-    ops = torchvision.ops
+    import torchvision.ops as ops
+
     return [
         obj
         for name in dir(ops)
@@ -207,6 +215,8 @@ def _torchvision_ops_leaf_modules() -> list[type]:
 def _tracer_kwargs(
     leaf_modules: Iterable[type], autowrap_functions: Iterable[Callable]
 ) -> dict[str, Any]:
+    import torchvision.ops
+
     timm_modules, timm_functions = _timm_notrace()
     leaves = [*_torchvision_ops_leaf_modules(), *timm_modules, *leaf_modules]
     functions = [*timm_functions, *autowrap_functions]
@@ -307,10 +317,10 @@ def _trace_graph(
     example_input: torch.Tensor | None = None,
 ) -> fx.GraphModule:
     if adapter is not None and adapter.concrete_metadata:
-        tracer = metadata_tracer(_Tracer)(**tracer_kwargs)
+        tracer = metadata_tracer(_tracer_class())(**tracer_kwargs)
         tracer.example_input = example_input
     else:
-        tracer = _Tracer(**tracer_kwargs)
+        tracer = _tracer_class()(**tracer_kwargs)
     mode = "train" if model.training else "eval"
     root, fixed = model, concrete_args or None
     if adapter is not None and (adapter.call is not None or adapter.output is not None):

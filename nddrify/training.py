@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import FusedModelError
+from .errors import FusedModelError, FusionConfigError
 from .layers import FusionLayer
 from .meta import fused_plan
 from .plans import Overhead, Plan
@@ -34,16 +35,34 @@ __all__ = ["param_groups", "overhead", "task_state_dict", "fused_plan"]
 _DECAYED = (nn.modules.conv._ConvNd, nn.Linear)
 
 
-def _matches(name: str, heads: Sequence[str]) -> bool:
-    """``name`` (``seg.classifier.6``) is, or lies inside, a head given with or without task prefix."""
-    if not heads:
-        return False
+def _matching_head(name: str, heads: Sequence[str]) -> str | None:
+    """The head that ``name`` (``seg.classifier.6``) is or lies inside, heads given with or
+    without the task prefix."""
     without_task = name.partition(".")[2]
     for head in heads:
         for candidate in (name, without_task):
             if candidate == head or candidate.startswith(head + "."):
-                return True
-    return False
+                return head
+    return None
+
+
+def _check_heads_matched(model: nn.Module, heads: Sequence[str], matched: set[str]) -> None:
+    unmatched = [h for h in heads if h not in matched]
+    if not unmatched:
+        return
+    names = sorted(
+        {n for n, m in model.named_modules() if n and any(True for _ in m.parameters())}
+        | {n.partition(".")[2] for n, _ in model.named_modules() if "." in n}
+    )
+    hints = []
+    for head in unmatched:
+        close = difflib.get_close_matches(head, names, n=4, cutoff=0.5)
+        hints.append(f"{head!r}" + (f" (close names: {close})" if close else ""))
+    raise FusionConfigError(
+        f"param_groups(head=...) names {', '.join(hints)}, which match(es) no module with "
+        "trainable parameters; give module names as in model.named_modules(), with or without "
+        "the task prefix (e.g. 'classifier.6' or 'seg.classifier.6')."
+    )
 
 
 def param_groups(
@@ -76,6 +95,10 @@ def param_groups(
     """
     buckets: dict[tuple[str, float, float], list[torch.nn.Parameter]] = {}
     seen: set[int] = set()
+    with_params = [n for n, m in model.named_modules() if any(True for _ in m.parameters())]
+    _check_heads_matched(
+        model, head, {h for n in with_params if (h := _matching_head(n, head)) is not None}
+    )
     fusion_layers = {
         name + ".": m for name, m in model.named_modules() if isinstance(m, FusionLayer) and name
     }
@@ -90,7 +113,7 @@ def param_groups(
             if layer is not None:
                 mult = fusion_lr_mult if fusion_lr_mult is not None else layer.lr_mult
                 key = ("fusion" if decayed else "fusion_no_decay", mult, weight_decay * decayed)
-            elif _matches(module_name, head):
+            elif _matching_head(module_name, head) is not None:
                 key = (
                     ("head", head_weight_lr_mult, weight_decay)
                     if param_name != "bias"

@@ -16,6 +16,10 @@ Task models start from ``init_from[task]`` (a single-task run's ``model.pt`` or 
 checkpoint: strict, every key must be there) or else from ``pretrained`` (a local ImageNet-style
 state dict: :func:`recipes.models.load_pretrained`, by name and shape).
 
+Your own models (``models`` / a spec ``model``, :mod:`recipes.custom`) are built by
+:func:`nddrify.specs.load_spec` and fused the same way; with your own dataset they are traced on
+two copies of its first training image and must each return one tensor.
+
 Example:
     >>> import torch
     >>> from recipes.configs import get_config, apply_overrides
@@ -153,13 +157,18 @@ def num_outputs(config: RecipeConfig, task: str) -> int:
 
 def build_task_model(config: RecipeConfig, task: str) -> nn.Module:
     """The single-task network for ``task``, with ``config.dropout`` applied (no weights loaded)."""
-    outputs = num_outputs(config, task)
-    if config.model == "demo_cnn":
-        model: nn.Module = demo_cnn(outputs, dense=task in DENSE_TASKS)
+    from .custom import build_user_model, model_spec
+
+    spec = model_spec(config, task)
+    if spec is not None:
+        model: nn.Module = build_user_model(spec, task)
+    elif config.model == "demo_cnn":
+        outputs = num_outputs(config, task)
+        model = demo_cnn(outputs, dense=task in DENSE_TASKS)
     else:
         from .models import build_model
 
-        model = build_model(config.model, outputs)
+        model = build_model(config.model, num_outputs(config, task))
     if config.dropout is not None:
         for module in model.modules():
             if isinstance(module, nn.modules.dropout._DropoutNd):
@@ -368,7 +377,18 @@ def build_network(config: RecipeConfig, *, log: Callable[[str], None] | None = N
         if log is not None:
             log(text)
 
-    example = torch.zeros(1, 3, config.crop, config.crop)
+    from .custom import check_outputs, example_input, is_custom_data, is_spec, model_spec
+
+    if not config.tasks:
+        raise RecipeError("config.tasks is empty: load configs with recipes.configs.load_config.")
+    if is_custom_data(config):
+        from .custom_losses import resolve_loss
+
+        for task in config.tasks:  # a loss that does not import fails before any file is written
+            resolve_loss(config.losses[task], f"losses.{task}")
+        example = example_input(config)
+    else:
+        example = torch.zeros(1, 3, config.crop, config.crop)
     init_from = config.resolved_init_from()
     models: dict[str, nn.Module] = {}
     extras: dict[str, dict[str, torch.Tensor]] = {}
@@ -386,8 +406,11 @@ def build_network(config: RecipeConfig, *, log: Callable[[str], None] | None = N
         else:
             note(f"{task}: random initialisation")
         models[task] = model
+    own = {task: models[task] for task in config.tasks if model_spec(config, task) is not None}
+    check_outputs(own, example)
     points = _points_argument(config)
-    heads = head_names(config.model)
+    builtin = config.model and not is_spec(config.model) and len(own) < len(config.tasks)
+    heads = [*(head_names(config.model) if builtin else []), *config.heads]
     tasks = tuple(config.tasks)
     if config.method == "single":
         task = tasks[0]

@@ -8,6 +8,7 @@ fusion layers at 100× (NDDR) or 1000× (cross-stitch, sluice), fc8 10× / 20×.
 
 Any field can be overridden (``key=value`` strings, the ``--set`` flag of ``recipes.train``), and
 a configuration may also be a JSON file (``{"base": "nyuv2_vgg16_nddr", "steps": 100}``).
+Your own models, data and losses: the base ``byo`` (not a paper row; :mod:`recipes.custom`).
 
 Example:
     >>> from recipes.configs import get_config, apply_overrides
@@ -89,7 +90,7 @@ class RecipeConfig:
     label: str = ""  # the row label in the paper's table ("Ours", "Sing.", "C.-S.", ...)
     paper: str = ""  # where the row is ("Table 4 · Ours")
     # data
-    dataset: str = "nyuv2"  # nyuv2 | nyuv2_mtan | synthetic | imdb | wiki
+    dataset: str = "nyuv2"  # nyuv2 | nyuv2_mtan | synthetic | imdb | wiki | module:callable
     data_root: str = "data/nyuv2"
     tasks: tuple[str, ...] = ("seg", "normal")
     crop: int = 321
@@ -106,7 +107,8 @@ class RecipeConfig:
     num_workers: int = 2
     cache_data: bool = False  # keep decoded training samples in memory (per process/worker)
     # model and fusion
-    model: str = "deeplab_vgg16"
+    model: str = "deeplab_vgg16"  # a recipes model, or module:callable(...) for every task
+    models: dict[str, str] = field(default_factory=dict)  # task → module:callable(...)
     method: str = "nddr"
     shortcut: bool = False
     shortcut_resize: str = "align_corners_false"
@@ -134,7 +136,9 @@ class RecipeConfig:
     fusion_lr_mult: float | None = None  # None: 100 for NDDR, 1000 for cross-stitch and sluice
     head_weight_lr_mult: float = 10.0
     head_bias_lr_mult: float = 20.0
+    heads: tuple[str, ...] = ()  # your models' classifier modules (head_*_lr_mult), e.g. head
     loss_weights: dict[str, float] = field(default_factory=lambda: dict(_DEFAULT_LOSS_WEIGHTS))
+    losses: dict[str, str] = field(default_factory=dict)  # task → ce | l1 | ... | module:callable
     loss_at: str = "output"
     freeze_bn: bool = False  # task networks' BatchNorm in eval mode (fusion norms still train)
     sync_bn: bool = False  # synchronise BatchNorm statistics across DDP processes
@@ -153,6 +157,7 @@ class RecipeConfig:
     eval_max_images: int = 0  # 0: every image of the split
     miou_absent: str = "exclude"
     progress: bool = True
+    threads: int = 0  # torch.set_num_threads while training (0: torch's default)
 
     def resolved_run_dir(self) -> Path:
         """The run folder: ``run_dir`` or ``{out_dir}/{name}``."""
@@ -241,7 +246,7 @@ def parse_value_as(key: str, value: Any, kind: Any) -> Any:
                 except json.JSONDecodeError as error:
                     raise ConfigError(f"{key}={text!r} is not valid JSON: {error}.") from None
             else:
-                pairs = [p for p in text.split(",") if p.strip()]
+                pairs = [p for p in _split_top(text) if p.strip()]
                 if any("=" not in p for p in pairs):
                     raise ConfigError(
                         f"{key}={text!r} must be comma-separated name=value pairs "
@@ -260,6 +265,17 @@ def parse_value_as(key: str, value: Any, kind: Any) -> Any:
     if kind in (bool, str) and isinstance(value, kind):
         return value
     raise ConfigError(f"{key}={value!r} has the wrong type; expected {kind.__name__}.")
+
+
+def _split_top(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets (``seg=m:f(a=1, b=2),depth=m:g``)."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += (char in "([{") - (char in ")]}")
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
 
 
 def _unknown_key_message(key: str) -> str:
@@ -346,20 +362,31 @@ def validate(config: RecipeConfig) -> None:
             value in allowed,
             f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}.",
         )
+    from .custom import complete_config, is_custom_data, is_spec, validate_custom
     from .data import DATASETS, TASKS
 
-    _require(
-        config.dataset in DATASETS,
-        f"dataset={config.dataset!r} is not allowed; choose one of: {', '.join(DATASETS)}.",
-    )
-    known_tasks = list(TASKS[config.dataset])
-    _require(len(config.tasks) > 0, f"tasks is empty; choose from: {', '.join(known_tasks)}.")
-    for task in config.tasks:
+    config = complete_config(config)  # byo: tasks from the keys of models / losses
+    custom = is_custom_data(config)
+    if custom:
         _require(
-            task in known_tasks,
-            f"tasks contains {task!r}, which dataset={config.dataset!r} does not have; "
-            f"choose from: {', '.join(known_tasks)}.",
+            len(config.tasks) > 0,
+            "tasks is empty: set models=TASK=module:callable,... (its keys are the tasks) or "
+            "tasks=A,B with model=module:callable.",
         )
+    else:
+        _require(
+            config.dataset in DATASETS,
+            f"dataset={config.dataset!r} is not allowed; choose one of: {', '.join(DATASETS)}, "
+            "or your own dataset as module:callable (recipes/README.md: 'Train your own models').",
+        )
+        known_tasks = list(TASKS[config.dataset])
+        _require(len(config.tasks) > 0, f"tasks is empty; choose from: {', '.join(known_tasks)}.")
+        for task in config.tasks:
+            _require(
+                task in known_tasks,
+                f"tasks contains {task!r}, which dataset={config.dataset!r} does not have; "
+                f"choose from: {', '.join(known_tasks)}.",
+            )
     _require(len(set(config.tasks)) == len(config.tasks), f"tasks={config.tasks} repeats a task.")
     if config.method == "single":
         _require(
@@ -373,15 +400,19 @@ def validate(config: RecipeConfig) -> None:
             f"method={config.method!r} needs at least two tasks, got tasks={list(config.tasks)}.",
         )
     models = _model_names()
-    _require(
-        config.model in models,
-        f"model={config.model!r} is not allowed; choose one of: {', '.join(models)}.",
-    )
+    if custom or config.models or is_spec(config.model):
+        validate_custom(config, models)
+    else:
+        _require(
+            config.model in models,
+            f"model={config.model!r} is not allowed; choose one of: {', '.join(models)}, or "
+            "module:callable.",
+        )
     positive_ints = ("steps", "batch_size", "crop", "log_every", "checkpoint_every")
     others = ("eval_batch_size", "synthetic_images", "synthetic_test_images", "subspaces")
     for key in (*positive_ints, *others, "face_resize", "test_subjects"):
         _require(getattr(config, key) >= 1, f"{key}={getattr(config, key)} must be ≥ 1.")
-    for key in ("num_workers", "eval_every", "eval_max_images", "nddr_rank"):
+    for key in ("num_workers", "eval_every", "eval_max_images", "nddr_rank", "threads"):
         _require(getattr(config, key) >= 0, f"{key}={getattr(config, key)} must be ≥ 0.")
     _require(config.nddr_groups >= 1, f"nddr_groups={config.nddr_groups} must be ≥ 1.")
     _require(
@@ -400,10 +431,12 @@ def validate(config: RecipeConfig) -> None:
         _require(config.fusion_lr_mult > 0, f"fusion_lr_mult={config.fusion_lr_mult} must be > 0.")
     if config.dropout is not None:
         _require(0 <= config.dropout < 1, f"dropout={config.dropout} must be in [0, 1).")
+    paper_tasks = () if custom else ("seg", "normal", "age", "gender")
     for task in config.loss_weights:
         _require(
-            task in ("seg", "normal", "age", "gender"),
-            f"loss_weights has unknown task {task!r}; tasks are seg, normal, age, gender.",
+            task in paper_tasks or task in config.tasks,
+            f"loss_weights has unknown task {task!r}; tasks are "
+            f"{', '.join(dict.fromkeys([*paper_tasks, *config.tasks]))}.",
         )
     for task in config.init_from:
         _require(
@@ -441,191 +474,6 @@ def _model_names() -> list[str]:
 
 # ----------------------------------------------------------------------------- the registry
 
-_WEIGHTS = {
-    "deeplab_vgg16": "weights/vgg16_bn_imagenet.pth",
-    "deeplab_resnet101": "weights/resnet101_imagenet.pth",
-    "alexnet_fcn32s": "weights/alexnet_imagenet.pth",
-    "vgg16_classifier": "weights/vgg16_imagenet.pth",
-}
-
-
-def _family(
-    prefix: str,
-    *,
-    dataset: str,
-    data_root: str,
-    model: str,
-    tasks: tuple[str, ...],
-    table: str,
-    **common: Any,
-) -> dict[str, RecipeConfig]:
-    """Single-task runs, Mul., C.-S., Sluice and Ours for one table, all on the same footing:
-    fused models start from the single-task runs' weights (``init_from``)."""
-    base = RecipeConfig(dataset=dataset, data_root=data_root, model=model, tasks=tasks, **common)
-    singles = {}
-    for task in tasks:
-        name = f"{prefix}_single_{task}"
-        singles[name] = dataclasses.replace(
-            base,
-            name=name,
-            label="Sing.",
-            paper=f"{table} · Sing. ({task})",
-            method="single",
-            tasks=(task,),
-            pretrained=_WEIGHTS.get(model, ""),
-        )
-    init_from = {t: f"{{out_dir}}/{prefix}_single_{t}/model.pt" for t in tasks}
-    fused = {}
-    for method, label in (
-        ("mul", "Mul."),
-        ("cross_stitch", "C.-S."),
-        ("sluice", "Sluice"),
-        ("nddr", "Ours"),
-    ):
-        name = f"{prefix}_{method}"
-        fused[name] = dataclasses.replace(
-            base,
-            name=name,
-            label=label,
-            paper=f"{table} · {label}",
-            method=method,
-            init_from=dict(init_from),
-        )
-    return {**singles, **fused}
-
-
-def _variant(
-    config: RecipeConfig, name: str, label: str, paper: str, **changes: Any
-) -> RecipeConfig:
-    return dataclasses.replace(config, name=name, label=label, paper=paper, **changes)
-
-
-def _registry() -> dict[str, RecipeConfig]:
-    nyu = {"dataset": "nyuv2", "data_root": "data/nyuv2", "tasks": ("seg", "normal")}
-    configs: dict[str, RecipeConfig] = {}
-    configs |= _family("nyuv2_vgg16", model="deeplab_vgg16", table="Table 4", **nyu)
-    configs |= _family("nyuv2_resnet101", model="deeplab_resnet101", table="Table 5", **nyu)
-    configs |= _family(
-        "nyuv2_vgg16_shortcut", model="deeplab_vgg16", table="Table 6", shortcut=True, **nyu
-    )
-    configs |= _family(
-        "nyuv2_alexnet",
-        model="alexnet_fcn32s",
-        table="Table A1",
-        # the cross-stitch paper's fusion points: pool1, pool2, conv3, conv4, pool5
-        points=("features.2", "features.5", "features.7", "features.9", "features.12"),
-        **nyu,
-    )
-    configs |= _family(
-        "imdb_vgg16",
-        model="vgg16_classifier",
-        table="Table 7",
-        dataset="imdb",
-        data_root="data/imdb_crop",
-        tasks=("age", "gender"),
-        crop=224,
-        scale_min=1.0,
-        scale_max=1.0,
-    )
-    nddr = configs["nyuv2_vgg16_nddr"]
-    nddr.paper = "Table 4 · Ours; Table 3 · Sing. (the default: both branches from single tasks)"
-    # Table 1: NDDR initialisation
-    for (alpha, beta), tag in (
-        ((1.0, 0.0), "1_0"),
-        ((0.9, 0.1), "09_01"),
-        ((0.5, 0.5), "05_05"),
-        ((0.1, 0.9), "01_09"),
-        ((0.0, 1.0), "0_1"),
-    ):
-        configs[f"nyuv2_vgg16_nddr_init_{tag}"] = _variant(
-            nddr,
-            f"nyuv2_vgg16_nddr_init_{tag}",
-            f"({alpha:g}, {beta:g})",
-            f"Table 1 · ({alpha:g}, {beta:g})",
-            alpha=alpha,
-            beta=beta,
-        )
-    configs["nyuv2_vgg16_nddr_init_xavier"] = _variant(
-        nddr, "nyuv2_vgg16_nddr_init_xavier", "Random", "Table 1 · Random", init="xavier"
-    )
-    # Table 2: NDDR learning-rate scale
-    for scale in (1, 10, 100, 1000):
-        name = f"nyuv2_vgg16_nddr_lr{scale}"
-        configs[name] = _variant(
-            nddr, name, f"{scale:g}", f"Table 2 · {scale:g}", fusion_lr_mult=float(scale)
-        )
-    # Table 3: initial weights of both branches
-    configs["nyuv2_vgg16_nddr_from_imagenet"] = _variant(
-        nddr,
-        "nyuv2_vgg16_nddr_from_imagenet",
-        "Init.",
-        "Table 3 · Init.",
-        init_from={},
-        pretrained="weights/vgg16_bn_imagenet.pth",
-    )
-    configs["nyuv2_vgg16_nddr_from_voc"] = _variant(
-        nddr,
-        "nyuv2_vgg16_nddr_from_voc",
-        "Pret.",
-        "Table 3 · Pret.",
-        init_from={},
-        pretrained="weights/deeplab_vgg16_voc.pth",
-    )
-    # Table A2: cross-stitch hyper-parameters on VGG-16
-    stitch = configs["nyuv2_vgg16_cross_stitch"]
-    for (alpha, beta), tag in (((0.9, 0.1), "09_01"), ((0.7, 0.3), "07_03"), ((0.5, 0.5), "05_05")):
-        name = f"nyuv2_vgg16_cross_stitch_init_{tag}"
-        configs[name] = _variant(
-            stitch,
-            name,
-            f"({alpha:g}, {beta:g})",
-            f"Table A2 · ({alpha:g}, {beta:g})",
-            alpha=alpha,
-            beta=beta,
-        )
-    for scale in (1, 10, 100, 1000):
-        name = f"nyuv2_vgg16_cross_stitch_lr{scale}"
-        configs[name] = _variant(
-            stitch, name, f"{scale:g}", f"Table A2 · {scale:g}", fusion_lr_mult=float(scale)
-        )
-    # Cheaper NDDR variants (not in the paper)
-    configs["nyuv2_vgg16_nddr_rank64"] = _variant(
-        nddr, "nyuv2_vgg16_nddr_rank64", "NDDR r=64", "", nddr_rank=64
-    )
-    configs["nyuv2_vgg16_nddr_groups8"] = _variant(
-        nddr, "nyuv2_vgg16_nddr_groups8", "NDDR g=8", "", nddr_groups=8
-    )
-    configs["nyuv2_resnet101_nddr_rank64"] = _variant(
-        configs["nyuv2_resnet101_nddr"],
-        "nyuv2_resnet101_nddr_rank64",
-        "NDDR r=64",
-        "",
-        nddr_rank=64,
-    )
-    # The built-in synthetic scenes with a small CNN (python -m recipes.demo)
-    demo = {
-        "dataset": "synthetic",
-        "data_root": "",
-        "tasks": ("seg", "normal"),
-        "model": "demo_cnn",
-        "crop": 96,
-        "scale_min": 0.75,
-        "scale_max": 1.25,
-        "batch_size": 8,
-        "steps": 300,
-        "lr": 0.01,
-        "log_every": 10,
-        "checkpoint_every": 100,
-        "eval_batch_size": 8,
-        "num_workers": 0,
-        "normals": "unit",
-    }
-    configs |= _family("synthetic_demo", table="demo", **demo)  # type: ignore[arg-type]
-    for cfg in configs.values():
-        validate(cfg)
-    return configs
-
-
 #: Every registered configuration by name (filled on first use: :func:`registry`).
 CONFIGS: dict[str, RecipeConfig] = {}
 
@@ -638,33 +486,45 @@ def registry() -> dict[str, RecipeConfig]:
         (58, True)
     """
     if not CONFIGS:
-        CONFIGS.update(_registry())
+        from .paper_configs import paper_configs
+
+        CONFIGS.update(paper_configs())
     return CONFIGS
 
 
 def get_config(name: str) -> RecipeConfig:
-    """A copy of the registered configuration ``name``.
+    """A copy of the registered configuration ``name``, or of a base that is not a paper row
+    (``byo``: your own models and data, :mod:`recipes.custom`).
 
     Example:
         >>> get_config("nyuv2_vgg16_single_seg").tasks
         ('seg',)
+        >>> get_config("byo").method, "byo" in registry()
+        ('nddr', False)
     """
+    from .custom import TEMPLATES
+
     configs = registry()
-    if name not in configs:
-        close = difflib.get_close_matches(name, list(configs), n=3, cutoff=0.5)
+    config = configs.get(name, TEMPLATES.get(name))
+    if config is None:
+        close = difflib.get_close_matches(name, [*configs, *TEMPLATES], n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(
             f"no configuration named {name!r}.{hint} List them with python -m {__package__}.train "
             "--list, or pass a JSON file path."
         )
-    return dataclasses.replace(configs[name], init_from=dict(configs[name].init_from))
+    copies = {
+        k: dict(getattr(config, k)) for k in ("init_from", "models", "losses", "loss_weights")
+    }
+    return dataclasses.replace(config, **copies)
 
 
 def load_config(
     name_or_path: str | os.PathLike[str], overrides: Iterable[str] = ()
 ) -> RecipeConfig:
     """A registered config by name, or a JSON file (``{"base": NAME, key: value, ...}``; without
-    ``base`` the defaults of :class:`RecipeConfig`), with ``key=value`` overrides applied.
+    ``base`` the defaults of :class:`RecipeConfig`), with ``key=value`` overrides applied; an
+    empty ``tasks`` of your own models is filled in with the keys of ``models`` (or ``losses``).
 
     Example:
         >>> load_config("nyuv2_vgg16_sluice", ["steps=10"]).steps
@@ -687,4 +547,6 @@ def load_config(
         config = config_from_dict(merged)
     else:
         config = get_config(text)
-    return apply_overrides(config, overrides)
+    from .custom import complete_config
+
+    return complete_config(apply_overrides(config, overrides))  # byo: tasks from models

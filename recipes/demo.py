@@ -55,6 +55,7 @@ def demo_configs(args: argparse.Namespace) -> dict[str, RecipeConfig]:
         f"eval_batch_size={args.batch_size}",
         f"out_dir={args.out}",
         f"seed={args.seed}",
+        f"threads={args.threads}",
         "num_workers=0",
         "cache_data=true",
         "progress=false" if args.quiet else "progress=true",
@@ -185,7 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated fusion methods to compare ({', '.join(METHODS[1:])})",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        metavar="N",
+        help="torch CPU threads for every run (default: 0, torch's default of one per core); on a "
+        "machine shared with other jobs one thread can be much faster than oversubscribed cores",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -196,17 +204,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from nddrify.errors import NddrifyError
 
+    from .errors import TrainingInterrupted
+
     args = build_parser().parse_args(argv)
     unknown = [m for m in args.methods if m not in METHODS[1:]]
     console = Console()
     if unknown:
         console.print(f"[red]error:[/red] unknown method(s) {unknown}; use {list(METHODS[1:])}.")
         return 2
+    if args.threads < 0:
+        console.print(f"[red]error:[/red] --threads {args.threads} must be ≥ 0.")
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     try:
         rows = run_demo(args)
+    except TrainingInterrupted as stopped:
+        console.print(f"{stopped}; run the demo again to start over.", markup=False)
+        return stopped.exit_code
     except NddrifyError as error:
         console.print(f"[red]error:[/red] {error}")
         return 2

@@ -40,7 +40,9 @@ __all__ = [
 
 def load_run(run_dir: str | Path) -> tuple[RecipeConfig, nn.Module]:
     """The config and trained network of a run folder (``model.pt``, else ``checkpoint.pt``)."""
-    from .builders import CHECKPOINT_FORMAT, build_network
+    from .builders import build_network
+    from .models import read_state_dict
+    from .runstate import read_training_checkpoint
 
     run = Path(run_dir)
     config_path = run / "config.json"
@@ -56,14 +58,11 @@ def load_run(run_dir: str | Path) -> tuple[RecipeConfig, nn.Module]:
     network = build_network(config).module
     model_path, checkpoint_path = run / "model.pt", run / "checkpoint.pt"
     if model_path.is_file():
-        state = torch.load(model_path, map_location="cpu", weights_only=True)
+        state = read_state_dict(model_path, "trained weights", "train the run first")
         if len(config.tasks) == 1 and config.method == "single":
             state = {f"{config.tasks[0]}.{k}": v for k, v in state.items()}
     elif checkpoint_path.is_file():
-        payload = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        if payload.get("format") != CHECKPOINT_FORMAT:
-            raise RecipeError(f"{checkpoint_path} is not a recipes checkpoint.")
-        state = payload["model"]
+        state = read_training_checkpoint(checkpoint_path)["model"]
     else:
         raise RecipeError(f"{run} holds neither model.pt nor checkpoint.pt: train it first.")
     network.load_state_dict(state)
@@ -111,7 +110,8 @@ def _last_step(path: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m recipes.evaluate RUN_DIR [RUN_DIR ...] [--split test] [--output FILE]``."""
+    """``python -m recipes.evaluate RUN_DIR [RUN_DIR ...] [--split test] [--output FILE]
+    [--threads N]``; returns the exit status (2 on a bad run folder or checkpoint)."""
     parser = argparse.ArgumentParser(
         prog=f"python -m {__package__}.evaluate",
         description="Evaluate training runs and print the paper's table (one row per label).",
@@ -123,10 +123,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-images", type=int, default=None, help="score the first N only")
     parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--output", default=None, help="also write the Markdown table here")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        metavar="N",
+        help="torch CPU threads (default: 0, torch's default of one per core); on a machine "
+        "shared with other jobs one thread can be much faster than oversubscribed cores",
+    )
     args = parser.parse_args(argv)
     from rich.console import Console
 
+    from nddrify.errors import NddrifyError
+
     console = Console()
+    if args.threads < 0:
+        console.print(f"[red]error:[/red] --threads {args.threads} must be ≥ 0.")
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = []
     try:
         for run in args.runs:
@@ -134,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run, split=args.split, max_images=args.max_images, device=args.device
             )
             results.append((config.label or config.name, metrics))
-    except RecipeError as error:
+    except NddrifyError as error:
         console.print(f"[red]error:[/red] {error}")
         return 2
     table = format_results(merge_rows(results))

@@ -9,6 +9,10 @@ samples of a one-process run. Each sample's augmentation draws from a generator 
 workers' RNG: the same samples and crops with any number of workers, any number of processes, and
 after a resume (the sampler's whole state is the step it starts at).
 
+Your own dataset (``dataset=module:callable``, :mod:`recipes.custom`) takes the same path without
+augmentation: its samples become sample dicts and the sampler picks them, so a resume is
+bit-exact when its ``__getitem__`` is deterministic.
+
 Example:
     >>> sampler = StepBatchSampler(5, global_batch=4, seed=0, start_step=0, end_step=3)
     >>> [len(batch) for batch in sampler], sampler.state_dict()["start_step"]
@@ -141,8 +145,13 @@ class StepSeededDataset(Dataset):
 
 def dataset_for(config: RecipeConfig, split: str, *, train: bool) -> Any:
     """``recipes.data.build_dataset`` with the config's data options (a TransformedDataset:
-    ``.base`` raw samples, ``.transform`` the augmentation or evaluation transform)."""
+    ``.base`` raw samples, ``.transform`` the augmentation or evaluation transform); your own
+    dataset (:func:`recipes.custom.custom_dataset`) has no augmentation."""
+    from .custom import custom_dataset, is_custom_data
     from .data import build_dataset
+
+    if is_custom_data(config):
+        return custom_dataset(config, split)
 
     options: dict[str, Any] = {}
     if config.dataset == "synthetic":

@@ -10,6 +10,9 @@
 * Age (100-way over 0..99) and gender (2-way): softmax cross-entropy.
 * Total: ``seg + 20 · normal`` (:data:`LOSS_WEIGHTS`; ``age + gender`` for IMDB-WIKI).
 
+Your own tasks (``losses=task=NAME``, :mod:`recipes.custom`) use the losses of
+:mod:`recipes.custom_losses` (``ce``, ``l1``, ``l2`` / ``mse``, ``cosine``, ``bce``, or your own).
+
 Where the loss is taken (``at``): ``"output"`` (official) compares at the network's output
 stride, labels/targets/masks nearest-downsampled to the prediction's H×W (PyTorch ``"nearest"``:
 source index ``floor(i · in/out)``, the same as TF1 ``resize_nearest_neighbor``); ``"input"`` (the
@@ -185,6 +188,7 @@ def multitask_loss(
     batch: Mapping[str, torch.Tensor],
     weights: Mapping[str, float] = LOSS_WEIGHTS,
     at: str = "output",
+    losses: Mapping[str, str] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the task losses of ``outputs`` (task → prediction).
 
@@ -194,6 +198,9 @@ def multitask_loss(
             ``"gender"``), see :data:`TASK_TARGETS`.
         weights: loss weight by task (missing tasks weigh 1).
         at: where the pixel losses are taken (``"output"`` or ``"input"``).
+        losses: your own tasks' losses (task → built-in name or spec,
+            :func:`recipes.custom_losses.resolve_loss`), each applied to ``batch[task]``; empty
+            or None: the paper's losses by task name.
 
     Returns:
         ``(total, per_task)``: the weighted sum and each task's unweighted loss.
@@ -210,6 +217,11 @@ def multitask_loss(
         raise ConfigError("multitask_loss: outputs is empty; pass a dict task name → prediction.")
     per_task: dict[str, torch.Tensor] = {}
     for task, prediction in outputs.items():
+        if losses:
+            from .custom_losses import own_task_loss
+
+            per_task[task] = own_task_loss(prediction, batch, task, at, losses)
+            continue
         if task not in TASK_LOSSES:
             raise ConfigError(
                 f"multitask_loss: task {task!r} has no loss; known tasks are {sorted(TASK_LOSSES)}."

@@ -482,9 +482,14 @@ def read_state_dict(
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
+        # torch's own text may advise weights_only=False: keep its first sentence only
+        reason = str(error).strip().split("\n")[0].split(". ")[0]
         raise DatasetFormatError(
-            f"{what} {path!r} could not be read as a weights-only torch file: {error}"
-        ) from error
+            f"{what} {path!r} could not be read as a weights-only torch file "
+            f"({type(error).__name__}: {reason}); it may be truncated, another kind of file, or "
+            "hold Python objects a safe load refuses: re-export it as a plain state dict "
+            "(torch.save(model.state_dict(), path))."
+        ) from None
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]

@@ -52,11 +52,43 @@ def merge_rows(
     return rows
 
 
+#: The metrics of the paper's tasks; any other task or metric (your own tasks, ``recipes.custom``)
+#: switches :func:`format_results` to one ``task/metric`` column per pair.
+_PAPER_METRICS: dict[str, set[str]] = {
+    "seg": set(_SEG_COLUMNS),
+    "normal": {*_NORMAL_COLUMNS, "rmse"},
+    "age": {"mean_ae", "median_ae"},
+    "gender": {"accuracy"},
+}
+
+
 def format_results(rows: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
     """The paper's layout: normals (Mean, Med., 11.25, 22.5, 30) then segmentation (mIoU,
-    PAcc); age (Mean AE, Median AE) then gender (Acc.). Only metrics present are shown."""
+    PAcc); age (Mean AE, Median AE) then gender (Acc.). Only metrics present are shown.
+
+    Your own tasks' metrics (any task or metric the paper has not) get one column per
+    ``task/metric``, in order of appearance, with 3 decimals.
+
+    Example:
+        >>> print(format_results({"byo": {"seg": {"loss": 0.25, "mIoU": 50.0}, "depth": {"mae": 0.5}}}))
+        | Method | seg/loss | seg/mIoU | depth/mae |
+        |:---|---:|---:|---:|
+        | byo | 0.250 | 50.000 | 0.500 |
+    """
     from .metrics import COLUMN_ORDER, format_table
 
+    paper_layout = all(
+        task in _PAPER_METRICS and set(metrics) <= _PAPER_METRICS[task]
+        for row in rows.values()
+        for task, metrics in row.items()
+    )
+    if not paper_layout:
+        flat = {
+            label: {f"{task}/{name}": value for task, m in row.items() for name, value in m.items()}
+            for label, row in rows.items()
+        }
+        names = list(dict.fromkeys(key for row in flat.values() for key in row))
+        return format_table(flat, columns=names, digits=3)
     present = {k for row in rows.values() for task in row.values() for k in task}
     paper = [*_NORMAL_COLUMNS, *_SEG_COLUMNS, "mean_ae", "median_ae", "accuracy"]
     columns = [c for c in paper if c in present]

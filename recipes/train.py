@@ -8,9 +8,9 @@ own flag (``--steps 100 --batch-size 4 --data-root data/nyuv2``). The run folder
 * ``config.json`` — the resolved configuration;
 * ``metrics.jsonl`` — one JSON record per logged step (``kind: "train"``: ``step``, ``loss``,
   ``loss/<task>``, ``lr``, ``images_per_s``) and per evaluation (``kind: "eval"``);
-* ``checkpoint.pt`` — written atomically every ``checkpoint_every`` steps and at the end: model,
-  optimizer, scheduler, step, every process's RNG states, the sampler state (``--resume``
-  continues bit-exactly on CPU);
+* ``checkpoint.pt`` — written atomically every ``checkpoint_every`` steps, at the end and when a
+  signal stops the run: model, optimizer, scheduler, step, every process's RNG states, the
+  sampler state (``--resume`` continues bit-exactly on CPU);
 * ``model.pt`` — the final weights (a single-task run: the task model's own state dict, which
   the fused configs' ``init_from`` reads);
 * ``curves.png`` (training curves) and ``results.md`` (the paper's table layout).
@@ -23,8 +23,15 @@ the processes (gloo on CPU, NCCL on CUDA); per-task losses are normalised by the
 of valid pixels/images so the gradient equals the one-process gradient; ``sync_bn=true``
 synchronises BatchNorm statistics (on CPU too). Only rank 0 writes files.
 
+Long runs: SIGINT (Ctrl-C) or SIGTERM finishes the current step, writes ``checkpoint.pt`` at it
+and prints the exact command that resumes the run (exit status 130 / 143; :func:`train` raises
+:class:`recipes.errors.TrainingInterrupted`; :mod:`recipes.interrupts`). ``--threads N`` sets
+torch's CPU threads (on a shared machine one thread can be much faster). Progress is a rich bar on
+a terminal, else one plain line every ``log_every`` steps (:mod:`recipes.progress`).
+
 Example:
     >>> import tempfile
+    >>> from recipes.configs import load_config
     >>> run = tempfile.mkdtemp()
     >>> result = train(load_config("synthetic_demo_single_seg", [
     ...     "steps=2", "batch_size=2", "crop=32", "synthetic_size=32,32", "synthetic_images=4",
@@ -35,15 +42,13 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
-import random
+import signal
 import sys
 import time
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -56,7 +61,6 @@ from nddrify.checkpoint import atomic_save
 from nddrify.errors import NddrifyError
 
 from .builders import (
-    CHECKPOINT_FORMAT,
     DENSE_TASKS,
     Network,
     build_network,
@@ -64,25 +68,33 @@ from .builders import (
     set_train_mode,
 )
 from .configs import (
-    CONFIGS,
     RecipeConfig,
     config_to_dict,
-    field_types,
-    load_config,
-    registry,
 )
 from .distributed import (
     DistContext,
     all_reduce_sum,
     barrier,
     convert_sync_batchnorm,
-    gather_objects,
     setup_distributed,
     teardown_distributed,
 )
-from .errors import ConfigError, RecipeError
+from .errors import ConfigError, RecipeError, TrainingInterrupted
+from .interrupts import EvaluationStopped, StopSignals, agreed_signal, resume_command
+from .progress import TrainingProgress, make_console
 from .results import append_jsonl, format_results, write_results
+from .runstate import (
+    changed_fields,
+    check_run_dir,
+    read_training_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_process,
+    set_rng_state,
+    truncate_jsonl,
+)
 from .scoring import evaluate_network
+from .train_cli import build_parser, list_configs, parse_config
 
 __all__ = [
     "TrainResult",
@@ -113,59 +125,18 @@ class TrainResult:
     network: nn.Module | None = None
 
 
-# ----------------------------------------------------------------------------- files
-
-
-def _truncate_jsonl(path: Path, keep_through_step: int) -> None:
-    """Drop records logged after ``keep_through_step`` (a resumed run re-logs them)."""
-    if not path.is_file():
-        return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and int(json.loads(line).get("step", 0)) <= keep_through_step
-    ]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-# ----------------------------------------------------------------------------- RNG state
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuple(state["python"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _as_tuple(value: Any) -> Any:
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def _seed_process(seed: int, rank: int) -> None:
-    """The RNG streams of a fresh run (dropout, …): one per process, from (seed, rank)."""
-    from .data.transforms import sample_generator
-
-    derived = int(sample_generator(seed, 3, rank).initial_seed())
-    torch.manual_seed(derived)
-    random.seed(derived)
-
-
 # ----------------------------------------------------------------------------- losses
 
 
 def valid_counts(
-    outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor], at: str
+    outputs: Mapping[str, torch.Tensor],
+    batch: Mapping[str, torch.Tensor],
+    at: str,
+    losses: Mapping[str, str] | None = None,
 ) -> dict[str, float]:
     """How many pixels (dense tasks) or images each task's mean loss averages over, counted as
     :mod:`recipes.losses` does: labels nearest-resized to the prediction when ``at="output"``.
+    With ``losses`` (your own tasks' losses): :func:`recipes.custom_losses.loss_counts`.
 
     Example:
         >>> import torch
@@ -176,6 +147,10 @@ def valid_counts(
     """
     from .losses import resize_labels
 
+    if losses:
+        from .custom_losses import loss_counts
+
+        return loss_counts(outputs, batch, at, losses)
     counts = {}
     for task, prediction in outputs.items():
         if task in DENSE_TASKS:
@@ -202,36 +177,12 @@ def _autocast(config: RecipeConfig, device: torch.device) -> Any:
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def _final_weights(network: nn.Module, config: RecipeConfig) -> dict[str, torch.Tensor]:
     state = network.state_dict()
     if config.method == "single":
         prefix = f"{config.tasks[0]}."
         return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     return dict(state)
-
-
-def _check_fresh_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
-    checkpoint = run_dir / "checkpoint.pt"
-    if resume:
-        if not checkpoint.is_file():
-            raise RecipeError(f"--resume: {checkpoint} does not exist; start the run without it.")
-        return checkpoint
-    if checkpoint.is_file() and not overwrite:
-        raise RecipeError(
-            f"{run_dir} already holds a checkpoint: continue it with --resume, start over with "
-            "--overwrite, or choose another folder with --set run_dir=PATH."
-        )
-    return checkpoint
-
-
-def _console(enabled: bool) -> Any:
-    from rich.console import Console
-
-    return Console(quiet=not enabled, stderr=True)
 
 
 def train(
@@ -256,11 +207,24 @@ def train(
 
     Returns:
         A :class:`TrainResult`.
+
+    Raises:
+        TrainingInterrupted: SIGINT or SIGTERM arrived (handlers are installed while this runs,
+            in the main thread only, and restored afterwards): the current step finished, a
+            checkpoint was written at it and ``resume=True`` continues bit-exactly. Under DDP
+            every process stops at the same step. A second signal (a second later or more)
+            aborts at once with :class:`KeyboardInterrupt`; the checkpoint on disk stays whole.
     """
     context = setup_distributed(config.device)
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
     try:
-        return _train(config, context, resume, overwrite, stop_at, evaluate, log)
+        with StopSignals() as stop:
+            return _train(config, context, resume, overwrite, stop_at, evaluate, log, stop)
     finally:
+        if config.threads:
+            torch.set_num_threads(threads)
         teardown_distributed(context)
 
 
@@ -272,14 +236,15 @@ def _train(
     stop_at: int | None,
     evaluate: bool,
     log: Callable[[str], None] | None,
+    stop: StopSignals,
 ) -> TrainResult:
     from .losses import multitask_loss
 
-    console = _console(config.progress and context.is_main)
+    console = make_console(config.progress and context.is_main)
     if log is None:
         log = console.print if context.is_main else (lambda text: None)
     run_dir = config.resolved_run_dir()
-    checkpoint_path = _check_fresh_run_dir(run_dir, resume, overwrite)
+    checkpoint_path = check_run_dir(run_dir, resume, overwrite)
     if config.batch_size % context.world_size:
         raise ConfigError(
             f"batch_size={config.batch_size} (global) is not divisible by the "
@@ -302,9 +267,7 @@ def _train(
     start_step = 0
     rng_states: list[Any] | None = None
     if resume:
-        payload = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        if payload.get("format") != CHECKPOINT_FORMAT:
-            raise RecipeError(f"{checkpoint_path} is not a recipes training checkpoint.")
+        payload = read_training_checkpoint(checkpoint_path, device)
         net.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
@@ -312,7 +275,7 @@ def _train(
             scaler.load_state_dict(payload["scaler"])
         start_step = int(payload["step"])
         rng_states = payload["rng"]
-        changed = _changed_fields(payload.get("config", {}), config)
+        changed = changed_fields(payload.get("config", {}), config)
         if changed:
             log(f"[yellow]resuming with changed settings[/yellow] {changed}: not bit-exact")
         log(f"resumed from {checkpoint_path} at step {start_step}")
@@ -331,7 +294,7 @@ def _train(
         (run_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
         jsonl = run_dir / "metrics.jsonl"
         if resume:
-            _truncate_jsonl(jsonl, start_step)
+            truncate_jsonl(jsonl, start_step)
         else:  # a fresh start: no stale outputs of an earlier run stay behind
             for name in ("metrics.jsonl", "model.pt", "curves.png", "results.md", "results.json"):
                 (run_dir / name).unlink(missing_ok=True)
@@ -343,14 +306,14 @@ def _train(
             net, device_ids=[device.index] if device.type == "cuda" else None
         )
     if rng_states is not None and len(rng_states) == context.world_size:
-        _set_rng_state(rng_states[context.rank], device)
+        set_rng_state(rng_states[context.rank], device)
     else:
         if rng_states is not None:
             log(
                 f"the checkpoint holds RNG states of {len(rng_states)} processes, this run has "
                 f"{context.world_size}: RNG streams are reseeded (data order is unaffected)"
             )
-        _seed_process(config.seed + start_step, context.rank)
+        seed_process(config.seed + start_step, context.rank)
 
     autocast = _autocast(config, device)
     set_train_mode(net, config.freeze_bn)
@@ -359,13 +322,27 @@ def _train(
     tasks = list(network.tasks)
     jsonl = run_dir / "metrics.jsonl"
     window_start, window_steps = time.perf_counter(), 0
-    progress = _progress(config.progress and context.is_main, console)
-    with progress:
-        bar = progress.add_task(
-            config.name, total=config.steps, completed=start_step, loss="", ips=""
+    progress = TrainingProgress(
+        enabled=config.progress and context.is_main,
+        name=config.name,
+        total=config.steps,
+        start=start_step,
+        end=end_step,
+        console=console,
+    )
+
+    def save(at: int) -> int:
+        """Write the checkpoint of step ``at`` (every process takes part); returns ``at``."""
+        save_checkpoint(
+            checkpoint_path, net, optimizer, scheduler, scaler, at, sampler, config, context
         )
+        return at
+
+    saved_step = start_step if resume else -1  # the step of the checkpoint on disk
+    stopped_by = agreed_signal(stop, context)  # a signal during setup: stop before step one
+    with progress:
         step = start_step
-        for batch in loader:
+        for batch in loader if stopped_by is None else ():
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             images = batch["image"]
             if config.channels_last:
@@ -373,9 +350,11 @@ def _train(
             with autocast:
                 outputs = model(images)
             outputs = {t: outputs[t].float() for t in tasks}
-            _, per_task = multitask_loss(outputs, batch, config.loss_weights, at=config.loss_at)
+            _, per_task = multitask_loss(
+                outputs, batch, config.loss_weights, at=config.loss_at, losses=config.losses
+            )
             if context.world_size > 1:
-                counts = valid_counts(outputs, batch, config.loss_at)
+                counts = valid_counts(outputs, batch, config.loss_at, config.losses)
                 totals = all_reduce_sum(counts, context)
                 # mean over the global batch: local mean × local count × W / global count
                 scale = {
@@ -432,69 +411,41 @@ def _train(
                 records.append(record)
                 if context.is_main:
                     append_jsonl(jsonl, record)
-                progress.update(
-                    bar,
-                    loss=f"loss {total_value:.4f}",
-                    ips=f"{record['images_per_s']:.1f} img/s",
-                )
-            progress.update(bar, completed=step)
-            at_checkpoint = step % config.checkpoint_every == 0 or step == end_step
-            if at_checkpoint:
-                _save_checkpoint(
-                    checkpoint_path,
-                    net,
-                    optimizer,
-                    scheduler,
-                    scaler,
-                    step,
-                    sampler,
-                    config,
-                    context,
-                )
+                progress.logged(record)
+            progress.advance(step)
+            stopped_by = agreed_signal(stop, context)  # every process stops at the same step
+            if stopped_by is not None:
+                log(f"{signal.Signals(stopped_by).name}: writing the checkpoint of step {step}")
+            if step % config.checkpoint_every == 0 or step == end_step or stopped_by is not None:
+                saved_step = save(step)
+            if stopped_by is not None:
+                break
             if evaluate and config.eval_every and step % config.eval_every == 0 and step < end_step:
-                metrics = _evaluate(net, config, context, step, jsonl, evaluate_network)
+                metrics, stopped_by = _evaluate(net, config, context, step, stop, progress)
+                if stopped_by is not None:
+                    break
                 set_train_mode(net, config.freeze_bn)
-    finished = step >= config.steps
+    finished = step >= config.steps and stopped_by is None
     if finished and evaluate:
-        metrics = _evaluate(net, config, context, step, jsonl, evaluate_network)
+        metrics, stopped_by = _evaluate(net, config, context, step, stop, progress)
+        finished = stopped_by is None
+    if stopped_by is not None and saved_step != step:
+        saved_step = save(step)  # evaluation stopped: the weights are those of this step
     if context.is_main:
         if finished:
             atomic_save(_final_weights(net, config), run_dir / "model.pt")
             if metrics is not None:
                 write_results(run_dir, config, metrics)
-        if jsonl.is_file():
+        if jsonl.is_file() and stopped_by is None:  # a stopped run exits promptly
             from .plots import plot_curves
 
             plot_curves(jsonl, run_dir / "curves.png")
-        log(f"{config.name}: {step} steps; files in {run_dir}")
+        if stopped_by is None:
+            log(f"{config.name}: {step} steps; files in {run_dir}")
     barrier(context)
+    if stopped_by is not None:
+        raise TrainingInterrupted(step, config.steps, checkpoint_path, stopped_by)
     return TrainResult(run_dir=run_dir, step=step, records=records, metrics=metrics, network=net)
-
-
-_RUNTIME_FIELDS = {
-    "progress",
-    "log_every",
-    "checkpoint_every",
-    "eval_every",
-    "eval_split",
-    "eval_batch_size",
-    "eval_max_images",
-    "num_workers",
-    "device",
-    "run_dir",
-    "out_dir",
-    "cache_data",
-}
-
-
-def _changed_fields(saved: Mapping[str, Any], config: RecipeConfig) -> dict[str, Any]:
-    """Fields (other than runtime ones) whose value differs from the checkpoint's config."""
-    current = config_to_dict(config)
-    return {
-        k: (saved[k], current[k])
-        for k in current
-        if k in saved and k not in _RUNTIME_FIELDS and saved[k] != current[k]
-    }
 
 
 def _base_group(optimizer: torch.optim.Optimizer) -> int:
@@ -507,168 +458,42 @@ def _evaluate(
     config: RecipeConfig,
     context: DistContext,
     step: int,
-    jsonl: Path,
-    evaluate_network: Callable[..., dict[str, dict[str, float]]],
-) -> dict[str, dict[str, float]]:
-    metrics = evaluate_network(net, config, context)
+    stop: StopSignals,
+    progress: TrainingProgress,
+) -> tuple[dict[str, dict[str, float]] | None, int | None]:
+    """Score ``config.eval_split`` at ``step`` and log it: ``(metrics, None)``. In one process a
+    stop signal ends the evaluation at once: ``(None, signal)``, nothing logged (under DDP the
+    evaluation completes and the next step's vote stops training). The RNG streams are restored
+    afterwards, so evaluating never changes what training computes."""
+    state = rng_state(context.device)
+    try:
+        with stop.immediate() if context.world_size == 1 else nullcontext():
+            metrics = evaluate_network(net, config, context)
+    except EvaluationStopped as stopped:
+        return None, stopped.signal_number
+    finally:
+        set_rng_state(state, context.device)
     if context.is_main:
-        append_jsonl(
-            jsonl, {"kind": "eval", "step": step, "split": config.eval_split, "metrics": metrics}
-        )
-    return metrics
-
-
-def _save_checkpoint(
-    path: Path,
-    net: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: Any,
-    step: int,
-    sampler: Any,
-    config: RecipeConfig,
-    context: DistContext,
-) -> None:
-    rng = gather_objects(_rng_state(context.device), context)
-    if context.is_main:
-        atomic_save(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "config": config_to_dict(config),
-                "step": step,
-                "model": net.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "rng": rng,
-                "sampler": {**sampler.state_dict(), "next_step": step},
-                "world_size": context.world_size,
-            },
-            path,
-        )
-    barrier(context)
-
-
-class _Quiet:
-    def __enter__(self) -> _Quiet:
-        return self
-
-    def __exit__(self, *args: Any) -> None:
-        return None
-
-    def add_task(self, *args: Any, **kwargs: Any) -> int:
-        return 0
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-def _progress(enabled: bool, console: Any) -> Any:
-    if not enabled:
-        return _Quiet()
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[loss]}"),
-        TextColumn("{task.fields[ips]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    )
+        record = {"kind": "eval", "step": step, "split": config.eval_split, "metrics": metrics}
+        append_jsonl(config.resolved_run_dir() / "metrics.jsonl", record)
+    progress.evaluated(step, config.eval_split, metrics)
+    return metrics, None
 
 
 # ----------------------------------------------------------------------------- command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``recipes.train`` argument parser: one ``--<field>`` flag per config field."""
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {__package__}.train",
-        description="Train one of the NDDR-CNN paper's setups (see recipes/README.md).",
-    )
-    parser.add_argument("config", nargs="?", help="a registered config name or a JSON file")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field (repeatable; init_from.seg=PATH sets one dict entry)",
-    )
-    parser.add_argument("--resume", action="store_true", help="continue from checkpoint.pt")
-    parser.add_argument("--overwrite", action="store_true", help="start over in the run folder")
-    parser.add_argument("--stop-at", type=int, default=None, metavar="STEP", help="stop early")
-    parser.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
-    parser.add_argument("--list", action="store_true", help="list the registered configs")
-    parser.add_argument("--show", action="store_true", help="print the resolved config, exit")
-    parser.add_argument("--plan", action="store_true", help="build the network, print it, exit")
-    fields = parser.add_argument_group("config fields (each also settable with --set)")
-    for name, kind in field_types().items():
-        flag = "--" + name.replace("_", "-")
-        fields.add_argument(
-            flag,
-            dest=f"field_{name}",
-            default=None,
-            metavar=_metavar(kind),
-            nargs="?" if kind is bool else None,
-            const="true" if kind is bool else None,
-        )
-    return parser
-
-
-def _metavar(kind: Any) -> str:
-    origin = typing.get_origin(kind)
-    if origin is dict:
-        return "K=V,..."
-    if origin is tuple:
-        return "A,B,..."
-    return getattr(kind, "__name__", "VALUE").upper()
-
-
-def parse_config(argv: Sequence[str] | None = None) -> tuple[RecipeConfig, argparse.Namespace]:
-    """Parse the command line into a validated config (flags are applied after ``--set``)."""
-    args = build_parser().parse_args(argv)
-    if not args.config:
-        raise ConfigError(f"name a config (python -m {__package__}.train --list shows them).")
-    overrides = list(args.overrides)
-    for name in field_types():
-        value = getattr(args, f"field_{name}")
-        if value is not None:
-            overrides.append(f"{name}={value}")
-    return load_config(args.config, overrides), args
-
-
-def _list_configs() -> str:
-    """One line per registered config: name, method, model, dataset, paper row."""
-    registry()
-    width = max(len(name) for name in CONFIGS)
-    lines = []
-    for name, cfg in CONFIGS.items():
-        method = cfg.method + ("+shortcut" if cfg.shortcut else "")
-        lines.append(
-            f"{name:<{width}}  {method:<21} {cfg.model:<18} {cfg.dataset:<10} {cfg.paper or '-'}"
-        )
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (2 on a configuration or data error)."""
+    """Command-line entry point; returns the exit status: 0, 2 on a configuration, data or
+    checkpoint error, 130 / 143 when SIGINT / SIGTERM stopped training (a checkpoint is written
+    at the step reached and the exact command resuming the run is printed)."""
     from rich.console import Console
+    from rich.markup import escape
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # paths and commands stay on one line
     args = build_parser().parse_args(argv)
     if args.list:
-        print(_list_configs())
+        print(list_configs())
         return 0
     try:
         config, args = parse_config(argv)
@@ -688,8 +513,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop_at=args.stop_at,
             evaluate=not args.no_eval,
         )
+    except TrainingInterrupted as stopped:
+        if int(os.environ.get("RANK", "0")) == 0:
+            command = resume_command(sys.argv[1:] if argv is None else argv)
+            print(f"{stopped}. Resume with: {command}", file=sys.stderr, flush=True)
+        return stopped.exit_code
+    except KeyboardInterrupt as error:  # a second signal while stopping, or one before training
+        print(f"aborted: {error or 'interrupted before training'}", file=sys.stderr, flush=True)
+        return 128 + int(signal.SIGINT)
     except NddrifyError as error:
-        console.print(f"[red]error:[/red] {error}")
+        console.print(f"[red]error:[/red] {escape(str(error))}")
         return 2
     if result.metrics is not None and int(os.environ.get("RANK", "0")) == 0:
         print(format_results({config.label or config.name: result.metrics}))

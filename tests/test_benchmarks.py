@@ -179,3 +179,17 @@ def test_surgery_cost_ci(tmp_path: Path) -> None:
     assert payload["env"]["fuse_target_s"] == 2.0
     md = (tmp_path / "surgery_cost.md").read_text()
     assert "| fuse ≤ 2 s |" in md and "`nddrify inspect`" in md
+
+
+def test_cli_startup_one_round(tmp_path: Path) -> None:
+    startup = _load("cli_startup")
+    assert startup.main(["--rounds", "1", "--out", str(tmp_path)]) in (0, 1)  # timing: reported
+    payload = json.loads((tmp_path / "cli_startup.json").read_text())
+    assert sorted(payload["median_s"]) == sorted(startup.COMMANDS)
+    assert set(payload["checks"]) == {
+        "nddrify --help",
+        "nddrify --version",
+        "import nddrify",
+        "import nddrify; nddrify.fuse",
+    }
+    assert "| `nddrify --help` |" in (tmp_path / "cli_startup.md").read_text()

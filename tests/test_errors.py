@@ -7,8 +7,11 @@ match). The README's troubleshooting section lists the same cases.
 from __future__ import annotations
 
 import sys
+import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,6 +57,35 @@ def _fused_vgg11() -> nn.Module:
     return nddrify.fuse(
         [torchvision.models.vgg11(), torchvision.models.vgg11()], points=["features.2"]
     )
+
+
+def _load_changed(change: Callable[[Path, bytes], bytes] | None, **load_kwargs) -> object:
+    """nddrify.load of a real checkpoint (a fused TinyCNN pair, saved with specs unless models
+    are passed) whose bytes ``change`` rewrote, in a temporary folder."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "fused.pt"
+        specs = None if load_kwargs else ["tests.models:TinyCNN"] * 2
+        nddrify.save(nddrify.fuse([TinyCNN(), TinyCNN()], example_input=X32), path, specs=specs)
+        if change is not None:
+            path.write_bytes(change(path, path.read_bytes()))
+        return nddrify.load(path, **load_kwargs)
+
+
+def _flip_tensor_byte(path: Path, data: bytes) -> bytes:
+    with zipfile.ZipFile(path) as archive:
+        records = [i for i in archive.infolist() if "/data/" in i.filename]
+        offset = data.index(archive.read(max(records, key=lambda i: i.file_size))) + 3
+    return data[:offset] + bytes([data[offset] ^ 0x20]) + data[offset + 1 :]
+
+
+def _load_saved(obj: object | None) -> object:
+    """nddrify.load of a file torch.save wrote (through atomic_save) holding ``obj`` (``None``:
+    no file at all)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.pt"
+        if obj is not None:
+            nddrify.checkpoint.atomic_save(obj, path)
+        return nddrify.load(path)
 
 
 @dataclass(frozen=True)
@@ -311,6 +343,118 @@ CATALOGUE = [
         nddrify.errors.FusedModelError,
         "expected a model returned by nddrify.fuse",
     ),
+    BadInput(
+        "checkpoint file of random bytes",
+        lambda: _load_changed(lambda path, data: bytes(range(1, 256)) * 4),
+        nddrify.errors.CheckpointError,
+        r"\(1020 bytes\) is not an nddrify checkpoint .*: it is binary data that is not a "
+        "torch.save file.*; pass a file written by nddrify.save",
+    ),
+    BadInput(
+        "checkpoint path naming a text file",
+        lambda: _load_changed(lambda path, data: b"see the shared drive\n"),
+        nddrify.errors.CheckpointError,
+        "it is a text file \\(starting 'see the shared drive'\\); pass a file written by",
+    ),
+    BadInput(
+        "truncated checkpoint",
+        lambda: _load_changed(lambda path, data: data[: len(data) // 3]),
+        nddrify.errors.CheckpointError,
+        "cannot be read as an nddrify checkpoint .*: it starts like a zip archive but does not end "
+        "like one: it is truncated; the file was damaged .*: restore a backup or write it again",
+    ),
+    BadInput(
+        "empty checkpoint file",
+        lambda: _load_changed(lambda path, data: b""),
+        nddrify.errors.CheckpointError,
+        r"\(0 bytes\) is not an nddrify checkpoint .*: it is empty; its save was interrupted",
+    ),
+    BadInput(
+        "missing checkpoint file",
+        lambda: _load_saved(None),
+        nddrify.errors.CheckpointError,
+        r"model.pt' does not exist \(the current folder is .*\); expected an nddrify "
+        "checkpoint.*: check the path",
+    ),
+    BadInput(
+        "checkpoint with a corrupted tensor byte",
+        lambda: _load_changed(_flip_tensor_byte),
+        nddrify.errors.CheckpointError,
+        r"the file is corrupted \('archive/data/\d+' fails its CRC-32\); the file was damaged",
+    ),
+    BadInput(
+        "plain state dict passed to nddrify.load",
+        lambda: _load_saved(TinyCNN().state_dict()),
+        nddrify.errors.CheckpointError,
+        r"it is a plain state dict \(\d+ tensors, e.g. 'stem.0.weight'\); load it with "
+        r"model.load_state_dict\(torch.load\(path, weights_only=True\)\)",
+    ),
+    BadInput(
+        "recipes training checkpoint passed to nddrify.load",
+        lambda: _load_saved({"format": "recipes.checkpoint/1", "model": TinyCNN().state_dict()}),
+        nddrify.errors.CheckpointError,
+        "is not an nddrify checkpoint .*: it is a recipes training checkpoint .*: its 'model' "
+        "entry holds weights; resume it with the recipes' --resume",
+    ),
+    BadInput(
+        "nddrify.load with models of another architecture",
+        lambda: _load_changed(None, models=[TinyCNN(classes=3), TinyCNN()]),
+        nddrify.errors.CheckpointError,
+        r"the models given differ from the ones saved in .*: 2 weight\(s\) do not match \(e.g. "
+        r"'task0.fc.weight' is \(5, 16\) in the checkpoint but \(3, 16\) here.*pass the same "
+        "architectures as at save time",
+    ),
+    BadInput(
+        "torchvision spec with pretrained=True",
+        lambda: nddrify.specs.load_spec("torchvision:resnet18(pretrained=True)"),
+        nddrify.errors.SpecError,
+        r"\(pretrained=True\), which torchvision would download; nddrify never downloads weights.*"
+        r"model.load_state_dict\(torch.load\(PATH, weights_only=True\)\)",
+    ),
+    BadInput(
+        "torchvision spec with weights='IMAGENET1K_V1'",
+        lambda: nddrify.specs.load_spec("torchvision:resnet18(weights='IMAGENET1K_V1')"),
+        nddrify.errors.SpecError,
+        r"\(weights='IMAGENET1K_V1'\), which torchvision would download; nddrify never downloads",
+    ),
+    BadInput(
+        "unknown keyword in a torchvision spec",
+        lambda: nddrify.fuse(["torchvision:resnet18(foo=1)", "torchvision:resnet18"]),
+        nddrify.errors.SpecError,
+        "torchvision:resnet18 takes no keyword argument 'foo'; it accepts: groups, norm_layer, "
+        "num_classes, progress",
+    ),
+    BadInput(
+        "misspelt timm model name",
+        lambda: nddrify.specs.load_spec("timm:resnet5O"),
+        nddrify.errors.SpecError,
+        r"timm has no model 'resnet5O'; did you mean \['resnet50'",
+    ),
+    BadInput(
+        "unknown keyword of a callable spec",
+        lambda: nddrify.specs.load_spec("tests.models:TinyCNN(clases=3)"),
+        nddrify.errors.SpecError,
+        r"tests.models:TinyCNN takes no keyword argument 'clases' \(did you mean 'classes'\?\); "
+        "it accepts: classes, width",
+    ),
+    BadInput(
+        "points dict with a misspelt task",
+        _resnets(points={"task0": ["layer1"], "tsk1": ["layer1"]}),
+        nddrify.errors.PointError,
+        r"no entry for task\(s\) \['task1'\]; it names unknown task\(s\) \['tsk1'\]",
+    ),
+    BadInput(
+        "param_groups head that matches no module",
+        lambda: nddrify.param_groups(_fused_vgg11(), 1e-3, head=["classifer.6"]),
+        nddrify.errors.FusionConfigError,
+        r"'classifer.6' \(close names: \['classifier.6'",
+    ),
+    BadInput(
+        "export of a module nddrify did not build",
+        lambda: nddrify.exporting.export_program(TinyCNN(), "/nonexistent/never-written.pt2"),
+        nddrify.errors.FusedModelError,
+        "expected a model returned by nddrify.fuse",
+    ),
 ]
 
 
@@ -329,6 +473,6 @@ def test_bad_input_gets_a_named_error(entry: BadInput) -> None:
 
 def test_all_errors_share_one_base_class() -> None:
     errors = [n for n in nddrify.errors.__all__ if n != "NddrifyError"]
-    assert len(errors) == 12  # every class lives in nddrify.errors, one per kind of mistake
+    assert len(errors) == 13  # every class lives in nddrify.errors, one per kind of mistake
     for name in errors:
         assert issubclass(getattr(nddrify.errors, name), nddrify.NddrifyError)

@@ -70,13 +70,8 @@ for table, prefix in (
     ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    """Tiny models: one thread is as fast, and much faster on a machine shared with others."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models: one thread is as fast, and much faster on a machine shared with others
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _free_port() -> int:

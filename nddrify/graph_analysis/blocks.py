@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import weakref
 
-import networkx as nx
 import torch.fx as fx
 
 from ..meta import QUALNAME
@@ -64,6 +63,8 @@ def block_regions(graph: fx.Graph) -> list[tuple[str, fx.Node, set[fx.Node]]]:
 
     The name is the innermost module holding the region and its merge node, or the merge node's
     own name when that module is the root (a block written inline in the model's ``forward``)."""
+    import networkx as nx
+
     annotate(graph)
     source = image_input(graph)
     order = {node: i for i, node in enumerate(graph.nodes)}

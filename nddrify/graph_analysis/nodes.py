@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Collection
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from ..meta import QUALNAME
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 __all__ = [
     "reached_from",
@@ -205,6 +208,8 @@ def tensor_digraph(graph: fx.Graph) -> nx.DiGraph:
     only: sizes read off a value (``x.shape``, a block's ``feat_size``) and passed on to later
     layers are no path of features. Non-tensor nodes that pack the output (a ``ModelOutput``,
     a dict) are kept."""
+    import networkx as nx
+
     dg = nx.DiGraph()
     for node in graph.nodes:
         packs_output = any(user.op == "output" for user in node.users)

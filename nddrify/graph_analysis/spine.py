@@ -15,8 +15,8 @@ before a strided conv) are left out of it: they only widen the map they pad.
 from __future__ import annotations
 
 import operator
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import torch
 import torch.fx as fx
 
@@ -32,6 +32,9 @@ from .nodes import (
     shape_of,
     tensor_inputs,
 )
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 __all__ = [
     "feature_shape",
@@ -251,6 +254,8 @@ def image_input(graph: fx.Graph) -> fx.Node:
 
 def digraph(graph: fx.Graph) -> nx.DiGraph:
     """The fx graph as a networkx digraph (an edge from each node to each of its users)."""
+    import networkx as nx
+
     dg = nx.DiGraph()
     for node in graph.nodes:
         dg.add_node(node)
@@ -289,6 +294,8 @@ def spine(graph: fx.Graph) -> list[fx.Node]:
     branch the output does not use, a gate's pooled map or the head's logits are never the
     target). Padding ops are left out. Empty when the graph has no image feature maps.
     """
+    import networkx as nx
+
     annotate(graph)
     target = trunk_target(graph)
     if target is None:

@@ -36,7 +36,6 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import networkx as nx
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -231,6 +230,8 @@ def _token_chain(graph: fx.Graph) -> list[fx.Node]:
     last one the output depends on), that sequence included, in execution order. The target is
     not the output itself: a DPT-style neck reads several blocks, which would leave no block
     that every path to the output passes through."""
+    import networkx as nx
+
     dg = tensor_digraph(graph)
     source = next(n for n in graph.nodes if n.op == "placeholder")
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
