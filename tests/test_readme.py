@@ -49,6 +49,11 @@ EXERCISES: dict[str, tuple[str, object]] = {
         "run",
         ["--show"],
     ),
+    "python -m recipes.train byo --models seg=mymod:make_seg,depth=mymod:make_depth --dataset "
+    "mymod:ToyScenes --losses seg=ce,depth=l1 --steps 100 --batch-size 8": (
+        "test",
+        "test_byo.py::test_the_readme_command_trains_a_fused_pair_of_user_models",
+    ),
     "nddrify --version": ("run", []),
     "nddrify inspect torchvision:vgg16 torchvision:vgg16 --input 1,3,224,224": ("run", []),
     "nddrify inspect timm:resnet50 timm:resnet50 --points layer1,layer2 --all": ("run", []),
@@ -71,6 +76,10 @@ def test_every_shell_line_has_its_exercise() -> None:
         elif how == "test":
             file, name = str(what).split("::")
             assert f"def {name}(" in (TESTS / file).read_text(), what
+    # the bring-your-own line is the command tests/test_byo.py runs from recipes/README.md
+    recipes_readme = blocks("bash", ROOT / "recipes" / "README.md")
+    byo = [line for block in recipes_readme for line in block.splitlines() if " byo " in line]
+    assert [line for line in lines if " byo " in line] == byo
 
 
 def _environment() -> dict[str, str]:
