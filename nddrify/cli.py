@@ -223,6 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--out", default="runs/demo", help="folder for the training runs (default runs/demo)"
     )
+    demo.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="S",
+        help="train the single-task and fused networks over S seeds and show mean ± std and the "
+        "paired difference with its 95%% interval (default 1)",
+    )
     _add_threads(demo)
     demo.set_defaults(run="demo_command")
     return parser

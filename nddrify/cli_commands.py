@@ -422,4 +422,5 @@ def demo_command(args: argparse.Namespace, warned: list[str]) -> int:
 
     console.rule("Training on synthetic scenes: single-task networks → NDDR-fused network")
     threads = ["--threads", str(args.threads)] if args.threads else []
-    return status or train_demo(["--out", args.out, *threads])
+    seeds = ["--seeds", str(args.seeds)] if args.seeds != 1 else []
+    return status or train_demo(["--out", args.out, *threads, *seeds])

@@ -10,11 +10,16 @@ Every network returns a dict task → prediction:
 * ``mul``: :func:`nddrify.share` (one trunk up to the split point, the paper's "Mul."). With
   ``shortcut=True`` (Table 6, "Mul.") the tasks' trunks are fused by a pass-through layer with the
   shortcut and their parameters are *tied* (one set of trunk weights; the trunk is computed once
-  per task, a 2× cost on the trunk, the same function and gradients as one shared trunk).
+  per task, a 2× cost on the trunk, the same function and gradients as one shared trunk); so are
+  the tasks' reducers with ``mul_shortcut="shared"`` (the official code's one reducer).
+
+The shortcut pieces (and the reducers' ``shortcut_lr_mult`` groups) are in :mod:`recipes.shortcuts`.
 
 Task models start from ``init_from[task]`` (a single-task run's ``model.pt`` or any recipes
 checkpoint: strict, every key must be there) or else from ``pretrained`` (a local ImageNet-style
-state dict: :func:`recipes.models.load_pretrained`, by name and shape).
+state dict: :func:`recipes.models.load_pretrained`, by name and shape), or with ``start=voc`` /
+``voc_if_present`` from the DeepLab-LargeFOV VOC weights ``voc_weights``
+(:func:`recipes.deeplab_weights.load_start_weights`; the note says which start was used).
 
 Your own models (``models`` / a spec ``model``, :mod:`recipes.custom`) are built by
 :func:`nddrify.specs.load_spec` and fused the same way; with your own dataset they are traced on
@@ -32,10 +37,9 @@ Example:
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,15 +47,19 @@ import torch.fx as fx
 from torch import nn
 
 import nddrify
-from nddrify.layers import FusionLayer, NDDRShortcutLayer
+from nddrify.layers import FusionLayer
 from nddrify.meta import SEGMENT_META_KEY, TASK_META_KEY, fused_plan
-from nddrify.rewriting.emit import GraphWriter
-from nddrify.rewriting.ir import Junction, RewriteIR, task_segments
-from nddrify.tasks import TracedSet
-from nddrify.tracing import trace_model
 
 from .configs import RecipeConfig
 from .errors import DatasetFormatError, RecipeError
+from .shortcuts import (
+    add_single_shortcut,
+    load_shortcut_extras,
+    shortcut_layers,
+    shortcut_param_groups,
+    tie_modules,
+    tie_reducers,
+)
 
 __all__ = [
     "DENSE_TASKS",
@@ -166,9 +174,10 @@ def build_task_model(config: RecipeConfig, task: str) -> nn.Module:
         outputs = num_outputs(config, task)
         model = demo_cnn(outputs, dense=task in DENSE_TASKS)
     else:
-        from .models import build_model
+        from .models import build_model, model_options
 
-        model = build_model(config.model, num_outputs(config, task))
+        options = model_options(config.model, config.tf_same_pooling)
+        model = build_model(config.model, num_outputs(config, task), **options)
     if config.dropout is not None:
         for module in model.modules():
             if isinstance(module, nn.modules.dropout._DropoutNd):
@@ -269,50 +278,6 @@ def _fusion_factory(config: RecipeConfig) -> Any:
     return nddrify.Sluice(subspaces=config.subspaces, init=init)
 
 
-def add_single_shortcut(
-    model: nn.Module,
-    points: Any,
-    example_input: torch.Tensor,
-    resize_mode: str = "align_corners_false",
-) -> fx.GraphModule:
-    """``model`` as a GraphModule with the NDDR-Shortcut spliced in after its last point: the
-    maps at ``points`` are resized to the last one's H×W, concatenated and reduced to its width
-    (1×1 conv, BN, ReLU where the map was non-negative), and the result replaces the last map.
-
-    Example:
-        >>> import torch
-        >>> net = add_single_shortcut(demo_cnn(3), "auto", torch.zeros(1, 3, 32, 32))
-        >>> net.shortcut.convs[0].weight.shape  # 16 + 32 + 64 channels → 64
-        torch.Size([64, 112, 1, 1])
-        >>> tuple(net(torch.randn(2, 3, 32, 32)).shape)
-        (2, 3, 8, 8)
-    """
-    single = trace_model(model, example_input=example_input)
-    if single.train_graph_module is not None:
-        raise RecipeError(
-            f"{type(model).__name__} traces to different train and eval graphs; the single-task "
-            "shortcut needs one graph (use nn.Dropout modules instead of F.dropout)."
-        )
-    # planning pairs tasks: the one traced model stands in for both (traced once)
-    traced = TracedSet((single, replace(single, task="task1")))
-    plan = nddrify.plan(traced, points)
-    level_points = [level.points[0] for level in plan.levels]
-    segments = task_segments(
-        single, plan.points("task0"), [p.name for p in level_points], train=False
-    )
-    last = len(plan.levels) - 1
-    ir = RewriteIR((segments,), (Junction("across", last, "shortcut"),), as_dict=False, single=True)
-    root = copy.deepcopy(model)
-    layer = nddrify.Shortcut(
-        resize_mode=resize_mode
-    ).build_across(  # type: ignore[arg-type]
-        [replace(level, points=level.points[:1]) for level in plan.levels]
-    )
-    root.add_module("shortcut", layer)
-    graph = GraphWriter(ir, collapse=True, prefixes=[""]).emit()
-    return fx.GraphModule(root, graph, class_name=type(model).__name__)
-
-
 class _PassThroughLayer(FusionLayer):
     """Returns the tasks' maps unchanged (the place-holder of a tied-trunk fusion)."""
 
@@ -348,20 +313,8 @@ def _trunk_modules(fused: fx.GraphModule, task: str) -> list[str]:
 def _tie_trunks(fused: fx.GraphModule, tasks: Sequence[str], mode: str) -> int:
     """Make every task's trunk parameters the same ``nn.Parameter`` objects (task 0's, or the
     average); returns how many parameters the tasks now share."""
-    shared = 0
-    for name in _trunk_modules(fused, tasks[0]):
-        modules = [fused.get_submodule(f"{t}.{name}") for t in tasks]
-        for param_name, param in list(modules[0].named_parameters(recurse=False)):
-            if mode == "average":
-                with torch.no_grad():
-                    param.copy_(torch.stack([getattr(m, param_name) for m in modules]).mean(dim=0))
-            for other in modules[1:]:
-                setattr(other, param_name, param)
-            shared += param.numel()
-        for buffer_name, buffer in modules[0].named_buffers(recurse=False):
-            for other in modules[1:]:  # equal buffers stay equal: same inputs, same weights
-                getattr(other, buffer_name).copy_(buffer)
-    return shared
+    names = _trunk_modules(fused, tasks[0])
+    return sum(tie_modules([fused.get_submodule(f"{t}.{n}") for t in tasks], mode) for n in names)
 
 
 def _count(module: nn.Module) -> int:
@@ -397,6 +350,11 @@ def build_network(config: RecipeConfig, *, log: Callable[[str], None] | None = N
         if task in init_from:
             extras[task] = load_task_weights(model, init_from[task], task)
             note(f"{task}: weights from {init_from[task]}")
+        elif config.start != "pretrained":  # the DeepLab VOC start (recipes.deeplab_weights)
+            from .deeplab_weights import load_start_weights
+
+            for line in load_start_weights(model, config, task):
+                note(line)
         elif config.pretrained:
             from .models import load_pretrained
 
@@ -417,7 +375,7 @@ def build_network(config: RecipeConfig, *, log: Callable[[str], None] | None = N
         model = models[task]
         if config.shortcut:
             model = add_single_shortcut(model, points, example, config.shortcut_resize)
-            _load_shortcut_extras(model, extras.get(task, {}), 0, note)
+            load_shortcut_extras(model, extras.get(task, {}), 0, note)
         net: nn.Module = SingleTask(task, model)
     elif config.method == "mul" and not config.shortcut:
         split = points if points == "auto" else points[-1]
@@ -434,36 +392,18 @@ def build_network(config: RecipeConfig, *, log: Callable[[str], None] | None = N
         else:
             note(str(fused_plan(net).overhead))
         if config.shortcut:
-            layer = next(m for m in net.modules() if isinstance(m, NDDRShortcutLayer))
-            for index, task in enumerate(tasks):
-                _load_shortcut_extras(layer, extras.get(task, {}), index, note, prefix="")
+            (layer,) = shortcut_layers(net)
+            carried = sum(
+                load_shortcut_extras(layer, extras.get(task, {}), index, note, prefix="")
+                for index, task in enumerate(tasks)
+            )
+            if config.method == "mul" and config.mul_shortcut == "shared":
+                # fresh reducers: task 0's Xavier init (an average of two is not Xavier's)
+                mode = config.mul_trunk if carried else "first"
+                reducer = tie_reducers(layer, mode)
+                note(f"hard sharing with shortcut: one shared reducer ({reducer:,} parameters)")
     note(f"{config.method} network: {_count(net):,} parameters")
     return Network(module=net, tasks=tasks, heads=heads, notes=notes)
-
-
-def _load_shortcut_extras(
-    target: nn.Module,
-    extras: Mapping[str, torch.Tensor],
-    index: int,
-    note: Callable[[str], None],
-    prefix: str = "shortcut.",
-) -> None:
-    """Copy a single-task shortcut's reducer (``shortcut.convs.0.…``) into task ``index``'s
-    reducer of ``target`` (a single-task graph, or a fused model's shortcut layer)."""
-    own = target.state_dict()
-    loaded = 0
-    for key, value in extras.items():
-        if not key.startswith("shortcut."):
-            continue
-        parts = key[len("shortcut.") :].split(".")
-        if len(parts) < 3 or parts[1] != "0":
-            continue
-        name = prefix + ".".join([parts[0], str(index), *parts[2:]])
-        if name in own and own[name].shape == value.shape:
-            own[name].copy_(value)
-            loaded += 1
-    if loaded:
-        note(f"task {index}: {loaded} shortcut tensors from its single-task run")
 
 
 def set_train_mode(module: nn.Module, freeze_bn: bool) -> None:
@@ -525,6 +465,14 @@ def build_optimizer(
         head_weight_lr_mult=config.head_weight_lr_mult,
         head_bias_lr_mult=config.head_bias_lr_mult,
     )
+    if config.shortcut and config.shortcut_lr_mult is not None:
+        groups = shortcut_param_groups(
+            network.module,
+            groups,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            lr_mult=config.shortcut_lr_mult,
+        )
     optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, PolyDecay(config.steps, config.poly_power)

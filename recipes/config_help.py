@@ -34,9 +34,14 @@ FIELD_HELP: dict[str, str] = {
     "mirror": "random horizontal flips while training",
     "mean": "input normalisation: imagenet, caffe_bgr (the official TF code) or none",
     "normals": "surface-normal targets: raw 0..255 vectors (official code) or unit vectors",
+    "rescale_resize": "how the random rescale resizes images (bilinear) and labels (nearest): "
+    "tf_legacy (TF1 resize_images / resize_nearest_neighbor, no half-pixel offset: the official "
+    "code), align_corners_false (PyTorch's half-pixel) or align_corners_true",
     "synthetic_images": "dataset=synthetic: number of training images",
     "synthetic_test_images": "dataset=synthetic: number of test images",
     "synthetic_size": "dataset=synthetic: image size H,W",
+    "synthetic_labelled": "dataset=synthetic: TASK=FRACTION,... of the training images that keep "
+    "that task's labels (the others' are ignored: seg 255, normals invalid); {} for all",
     "face_resize": "imdb/wiki: resize faces to this side before the crop×crop crop",
     "test_subjects": "imdb/wiki: number of held-out subjects for the test split",
     "num_workers": "DataLoader worker processes per training process (0: load in the main one)",
@@ -60,10 +65,20 @@ FIELD_HELP: dict[str, str] = {
     "cross_stitch_per_channel": "cross-stitch units with one weight per channel (not per layer)",
     "mul_trunk": "hard sharing: the shared trunk starts from the first task's weights or the "
     "average of all tasks'",
+    "mul_shortcut": "method=mul with shortcut: shared (one reducer on the shared trunk, the "
+    "official code) or per_task (one reducer per task)",
     "dropout": "override the p of every Dropout in the task models (none: keep the models')",
+    "tf_same_pooling": "max pools pad as TF 'SAME' (asymmetric at even sizes, e.g. the 480×640 "
+    "evaluation; equal to PyTorch's at odd sizes such as the 321 crops): auto (on for "
+    "deeplab_vgg16, whose official code is TF; off for the Caffe AlexNet/ResNet), on or off",
     # initialisation
     "pretrained": "local ImageNet-style state dict loaded into every task model; empty: none",
     "init_from": "single-task weights per task: TASK=PATH,... ({out_dir} is replaced; {} for none)",
+    "start": "start of the task models not in init_from: pretrained (the pretrained file), voc "
+    "(the DeepLab-LargeFOV VOC weights in voc_weights, fc6/fc7 included: the official start) or "
+    "voc_if_present (voc when that file exists, else pretrained with a WARNING in the log)",
+    "voc_weights": "DeepLab-LargeFOV VOC weights for start=voc: a file written by python -m "
+    "recipes.deeplab_weights convert, an .npz of HWIO arrays or a TF checkpoint prefix",
     # optimisation
     "steps": "optimizer steps of the whole run (the poly schedule spans them)",
     "batch_size": "global batch size (split over the DDP processes)",
@@ -73,6 +88,8 @@ FIELD_HELP: dict[str, str] = {
     "weight_decay": "weight decay on weights (not on biases and norm parameters)",
     "fusion_lr_mult": "learning-rate multiplier of the fusion layers (none: 100 for NDDR, 1000 "
     "for cross-stitch and sluice)",
+    "shortcut_lr_mult": "learning-rate multiplier of the shortcut reducers (none: as the fusion "
+    "layers, fusion_lr_mult or 100; the official single-task and Mult. shortcut runs: 1)",
     "head_weight_lr_mult": "learning-rate multiplier of the classifier weights (fc8)",
     "head_bias_lr_mult": "learning-rate multiplier of the classifier biases (fc8)",
     "heads": "your own models' classifier modules (comma-separated names) that get "
@@ -98,6 +115,12 @@ FIELD_HELP: dict[str, str] = {
     "eval_max_images": "score only the first N images (0: the whole split)",
     "miou_absent": "classes absent from labels and predictions: exclude from the mIoU (official) "
     "or count as zero",
+    "eval_resize": "how predictions are upsampled bilinearly to the label size for the metrics "
+    "(and for loss_at=input): tf_legacy (TF1 resize_bilinear, no half-pixel offset: the official "
+    "evaluation), align_corners_false (PyTorch's default) or align_corners_true",
+    "metrics_convention": "official (NDDR-CNN: pooled normal angles, within ≤ t) or mtan "
+    "(lorenmt/mtan: normals valid where sum ≠ 0, within < t, per-batch averages, x negated on "
+    "mirrored training samples)",
     "progress": "show progress: a bar on a terminal, plain lines when stdout is not a terminal",
     "threads": "torch CPU threads while training (0: torch's default, one per core); on a "
     "machine shared with other jobs one thread can be much faster than oversubscribed cores",

@@ -69,9 +69,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "amp": ("none", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
     "mul_trunk": ("first", "average"),
+    "tf_same_pooling": ("auto", "on", "off"),
+    "start": ("pretrained", "voc", "voc_if_present"),
     "miou_absent": ("exclude", "zero"),
+    "eval_resize": ("tf_legacy", "align_corners_false", "align_corners_true"),
+    "rescale_resize": ("tf_legacy", "align_corners_false", "align_corners_true"),
+    "metrics_convention": ("official", "mtan"),
     "eval_split": ("train", "test"),
     "shortcut_resize": ("align_corners_false", "align_corners_true", "tf_legacy"),
+    "mul_shortcut": ("shared", "per_task"),
 }
 
 _DEFAULT_LOSS_WEIGHTS = {"seg": 1.0, "normal": 20.0, "age": 1.0, "gender": 1.0}
@@ -99,9 +105,12 @@ class RecipeConfig:
     mirror: bool = True
     mean: str = "imagenet"  # the official TF code: caffe_bgr (recipes.models are torchvision's)
     normals: str = "raw"  # raw 0..255 vectors as the official code, or decoded unit vectors
+    rescale_resize: str = "tf_legacy"  # random rescale: TF1 legacy bilinear/nearest (official)
     synthetic_images: int = 64  # dataset=synthetic: training images
     synthetic_test_images: int = 16  # dataset=synthetic: test images
     synthetic_size: tuple[int, ...] = (96, 96)  # dataset=synthetic: H, W
+    # dataset=synthetic: task → fraction of the training images keeping its labels ({}: all)
+    synthetic_labelled: dict[str, float] = field(default_factory=dict)
     face_resize: int = 256  # imdb/wiki: resize before the crop×crop crop
     test_subjects: int = 2000  # imdb/wiki: held-out subjects
     num_workers: int = 2
@@ -122,10 +131,18 @@ class RecipeConfig:
     subspaces: int = 2  # sluice
     cross_stitch_per_channel: bool = False
     mul_trunk: str = "first"
+    mul_shortcut: str = "shared"  # method=mul, shortcut: one reducer (official) or one per task
     dropout: float | None = None  # override every Dropout's p in the task models
+    # TF 'SAME' max pools (train and eval; the same as PyTorch's at odd sizes such as the 321
+    # crops): auto = on for deeplab_vgg16 (official TF code), off for the Caffe networks
+    tf_same_pooling: str = "auto"
     # initialisation
     pretrained: str = ""  # local ImageNet-style state dict for every task model ("" = none)
     init_from: dict[str, str] = field(default_factory=dict)  # task → single-task weights
+    # tasks not in init_from: pretrained, or the DeepLab VOC weights (voc; voc_if_present falls
+    # back to pretrained, loudly, when voc_weights is absent); recipes.deeplab_weights
+    start: str = "pretrained"
+    voc_weights: str = ""  # DeepLab-LargeFOV VOC weights (converted .pth, .npz or TF checkpoint)
     # optimisation
     steps: int = 20001
     batch_size: int = 10  # global batch (split over DDP processes)
@@ -134,6 +151,7 @@ class RecipeConfig:
     poly_power: float = 0.9
     weight_decay: float = 2.5e-4
     fusion_lr_mult: float | None = None  # None: 100 for NDDR, 1000 for cross-stitch and sluice
+    shortcut_lr_mult: float | None = None  # None: as the fusion layers; official Sing./Mult.: 1
     head_weight_lr_mult: float = 10.0
     head_bias_lr_mult: float = 20.0
     heads: tuple[str, ...] = ()  # your models' classifier modules (head_*_lr_mult), e.g. head
@@ -156,6 +174,8 @@ class RecipeConfig:
     eval_batch_size: int = 1
     eval_max_images: int = 0  # 0: every image of the split
     miou_absent: str = "exclude"
+    eval_resize: str = "tf_legacy"  # predictions → label size (and loss_at=input): TF1 legacy
+    metrics_convention: str = "official"  # official NDDR metrics, or mtan (lorenmt/mtan)
     progress: bool = True
     threads: int = 0  # torch.set_num_threads while training (0: torch's default)
 
@@ -388,6 +408,11 @@ def validate(config: RecipeConfig) -> None:
                 f"choose from: {', '.join(known_tasks)}.",
             )
     _require(len(set(config.tasks)) == len(config.tasks), f"tasks={config.tasks} repeats a task.")
+    _require(
+        not (custom and config.metrics_convention == "mtan"),
+        "metrics_convention='mtan' applies to the paper's surface-normal task (e.g. "
+        "dataset=nyuv2_mtan), not to your own dataset; remove the override.",
+    )
     if config.method == "single":
         _require(
             len(config.tasks) == 1,
@@ -419,6 +444,19 @@ def validate(config: RecipeConfig) -> None:
         len(config.synthetic_size) == 2 and min(config.synthetic_size) >= 8,
         f"synthetic_size={config.synthetic_size} must be two sizes H,W of at least 8.",
     )
+    for task, fraction in config.synthetic_labelled.items():
+        _require(
+            task in ("seg", "normal"),
+            f"synthetic_labelled has task {task!r}; the synthetic scenes label seg and normal.",
+        )
+        _require(
+            0.0 <= fraction <= 1.0,
+            f"synthetic_labelled.{task}={fraction} must be a fraction in [0, 1].",
+        )
+    _require(
+        not config.synthetic_labelled or config.dataset == "synthetic",
+        f"synthetic_labelled applies to dataset=synthetic only (dataset={config.dataset!r}).",
+    )
     for key in ("lr", "momentum", "poly_power", "weight_decay", "alpha", "beta"):
         value = getattr(config, key)
         _require(math.isfinite(value) and value >= 0, f"{key}={value} must be a finite number ≥ 0.")
@@ -429,6 +467,22 @@ def validate(config: RecipeConfig) -> None:
     )
     if config.fusion_lr_mult is not None:
         _require(config.fusion_lr_mult > 0, f"fusion_lr_mult={config.fusion_lr_mult} must be > 0.")
+    if config.shortcut_lr_mult is not None:
+        mult = config.shortcut_lr_mult
+        _require(
+            math.isfinite(mult) and mult > 0,
+            f"shortcut_lr_mult={mult} must be a finite number > 0 (or none: as the fusion layers).",
+        )
+        _require(
+            config.shortcut,
+            f"shortcut_lr_mult={mult} applies with shortcut=true only; set shortcut=true, or "
+            "shortcut_lr_mult=none.",
+        )
+    _require(
+        config.mul_shortcut == "shared" or (config.method == "mul" and config.shortcut),
+        f"mul_shortcut={config.mul_shortcut!r} applies to method='mul' with shortcut=true only "
+        f"(method={config.method!r}, shortcut={config.shortcut}); set mul_shortcut=shared.",
+    )
     if config.dropout is not None:
         _require(0 <= config.dropout < 1, f"dropout={config.dropout} must be in [0, 1).")
     paper_tasks = () if custom else ("seg", "normal", "age", "gender")
@@ -442,6 +496,17 @@ def validate(config: RecipeConfig) -> None:
         _require(
             task in config.tasks,
             f"init_from has task {task!r}, which is not in tasks={list(config.tasks)}.",
+        )
+    if config.start == "voc":  # voc_if_present falls back (with a note) for other models
+        _require(
+            config.model == "deeplab_vgg16" and not config.models,
+            f"start={config.start!r} loads DeepLab-LargeFOV VOC weights: it needs "
+            f"model='deeplab_vgg16' (got model={config.model!r}); use start=pretrained.",
+        )
+    if config.start != "pretrained":
+        _require(
+            bool(config.voc_weights),
+            f"start={config.start!r} needs voc_weights=PATH (e.g. weights/deeplab_vgg16_voc.pth).",
         )
     nddr_only = {"nddr_rank": 0, "nddr_groups": 1, "init": "diagonal"}
     if config.method != "nddr":
@@ -458,6 +523,12 @@ def validate(config: RecipeConfig) -> None:
     _require(
         not (config.freeze_bn and config.sync_bn),
         "freeze_bn and sync_bn exclude each other: frozen BatchNorm has no batch statistics.",
+    )
+    builtin = [m for m in models if m not in LOCAL_MODELS]
+    _require(
+        config.tf_same_pooling != "on" or (config.model in builtin and not config.models),
+        f"tf_same_pooling='on' applies to the recipes models ({', '.join(builtin)}), not to "
+        f"model={config.model!r}; remove the override.",
     )
     _require(bool(config.points), "points is empty; use auto or module names.")
     if "auto" in config.points:

@@ -12,6 +12,14 @@ The comparison is fair in steps: every task's weights get ``single_steps + fused
 in both arms, with the same batches (the data order is a function of the seed and the step).
 Whatever the numbers, they are printed as measured.
 
+``--seeds N`` repeats the whole pipeline for seeds ``seed … seed + N − 1`` (each seed draws its
+own scenes, weights and data order; runs under ``{out}/seed{s}``) and prints ``mean ± std`` per
+row and the paired difference of every fused row against the single-task row with a 95 % Student
+t interval (:mod:`recipes.compare`). ``--labelled seg=0.125`` keeps the segmentation labels of
+only 1/8 of the training scenes (``synthetic_labelled``), a setting where sharing should help;
+``--report PATH.md`` also writes the table, the command, the settings and the versions to
+``PATH.md`` and ``PATH.json``.
+
 Example:
     >>> import tempfile
     >>> code = main(["--out", tempfile.mkdtemp(), "--size", "32", "--train-images", "8",
@@ -22,6 +30,10 @@ Example:
 from __future__ import annotations
 
 import argparse
+import copy
+import json
+import platform
+import shlex
 import shutil
 import sys
 import time
@@ -33,7 +45,7 @@ import torch
 
 from .configs import METHODS, RecipeConfig, load_config
 
-__all__ = ["demo_configs", "run_demo", "main"]
+__all__ = ["demo_configs", "run_demo", "run_seeds", "main"]
 
 _LABELS = {
     "nddr": "NDDR",
@@ -41,6 +53,18 @@ _LABELS = {
     "sluice": "sluice",
     "mul": "hard sharing",
 }
+
+
+#: The table's columns: (task, metric, header).
+_COLUMNS = [
+    ("seg", "mIoU", "mIoU"),
+    ("seg", "pixel_acc", "PAcc"),
+    ("normal", "mean", "Mean°"),
+    ("normal", "median", "Med.°"),
+    ("normal", "within_11.25", "11.25"),
+    ("normal", "within_22.5", "22.5"),
+    ("normal", "within_30", "30"),
+]
 
 
 def demo_configs(args: argparse.Namespace) -> dict[str, RecipeConfig]:
@@ -61,6 +85,8 @@ def demo_configs(args: argparse.Namespace) -> dict[str, RecipeConfig]:
         "progress=false" if args.quiet else "progress=true",
         f"log_every={max(1, (args.single_steps + args.fused_steps) // 20)}",
     ]
+    if getattr(args, "labelled", ""):
+        common.append(f"synthetic_labelled={args.labelled}")
     total = args.single_steps + args.fused_steps
     configs = {
         f"single_{task}": load_config(
@@ -118,20 +144,158 @@ def run_demo(args: argparse.Namespace) -> list[tuple[str, str, dict[str, dict[st
     return rows
 
 
+def run_seeds(args: argparse.Namespace) -> dict[int, list[tuple[str, str, dict[str, Any], float]]]:
+    """:func:`run_demo` once per seed ``args.seed … args.seed + args.seeds − 1``; one seed runs
+    in ``args.out`` itself, several in ``{args.out}/seed{s}``. Returns seed → rows."""
+    count = getattr(args, "seeds", 1)
+    out: dict[int, list[tuple[str, str, dict[str, Any], float]]] = {}
+    for seed in range(args.seed, args.seed + count):
+        seed_args = copy.copy(args)
+        seed_args.seed = seed
+        if count > 1:
+            seed_args.out = str(Path(args.out) / f"seed{seed}")
+        out[seed] = run_demo(seed_args)
+    return out
+
+
+def summarise_seeds(
+    per_seed: dict[int, list[tuple[str, str, dict[str, Any], float]]],
+) -> dict[str, Any]:
+    """:func:`recipes.compare.summarise` of the rows (reference: single-task), with ``steps``
+    (row → steps per task) and ``seconds`` (row → seed → training seconds)."""
+    from .compare import flatten_metrics, summarise
+
+    runs: dict[str, dict[int, dict[str, float]]] = {}
+    seconds: dict[str, dict[int, float]] = {}
+    steps: dict[str, str] = {}
+    for seed, rows in per_seed.items():
+        for label, row_steps, metrics, spent in rows:
+            runs.setdefault(label, {})[seed] = flatten_metrics(metrics)
+            seconds.setdefault(label, {})[seed] = spent
+            steps[label] = row_steps
+    summary = summarise(runs)
+    summary.update(runs=runs, seconds=seconds, steps=steps)
+    return summary
+
+
+def _print_summary(summary: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    from .compare import format_cell
+
+    seeds = sorted({s for row in summary["runs"].values() for s in row})
+    names = [f"{task}/{key}" for task, key, _ in _COLUMNS]
+    table = Table(title=f"Synthetic scenes, test split: mean ± std over {len(seeds)} seeds {seeds}")
+    table.add_column("model", no_wrap=True)
+    table.add_column("steps", justify="right", no_wrap=True)
+    for _, _, header in _COLUMNS:
+        table.add_column(header, justify="right", no_wrap=True)
+    for label, row in summary["configs"].items():
+        cells = [format_cell(row[n], 1) if n in row else "–" for n in names]
+        table.add_row(label, summary["steps"][label], *cells)
+    width = console.width
+    console.width = max(width, 200)  # not a terminal: rich's 80 columns would cut the cells
+    console.print(table)
+    reference = summary["reference"]
+    diffs = Table(
+        title=f"Paired difference vs {reference} (same seed): mean [95 % t interval], * excludes 0"
+    )
+    diffs.add_column("model", no_wrap=True)
+    for _, _, header in _COLUMNS:
+        diffs.add_column(header, justify="right", no_wrap=True)
+    for label, row in summary["differences"].items():
+        cells = [format_cell(row[n], 1, difference=True) if n in row else "–" for n in names]
+        diffs.add_row(f"{label} − {reference}", *cells)
+    console.print(diffs)
+    console.width = width
+    console.print(
+        "Segmentation: mIoU and pixel accuracy (%, higher is better). Normals: mean and median "
+        "angle error (°, lower is better: a negative difference is an improvement), % of pixels "
+        "within 11.25°/22.5°/30° (higher is better)."
+    )
+
+
+def _environment(args: argparse.Namespace) -> dict[str, Any]:
+    import nddrify
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "device": f"CPU ({cpu}), {torch.get_num_threads()} torch thread(s)",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "nddrify": getattr(nddrify, "__version__", "unknown"),
+        "platform": platform.platform(),
+    }
+
+
+def write_report(
+    path: str | Path,
+    summary: dict[str, Any],
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    seconds: float,
+) -> tuple[Path, Path]:
+    """Write ``path`` (Markdown: command, settings, environment, the tables) and the same with a
+    ``.json`` suffix (everything, per-seed values included); returns both paths."""
+    from .compare import format_markdown
+
+    markdown = Path(path).with_suffix(".md")
+    markdown.parent.mkdir(parents=True, exist_ok=True)
+    command = "python -m recipes.demo " + shlex.join(argv)
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    env = _environment(args)
+    names = [f"{task}/{key}" for task, key, _ in _COLUMNS]
+    shown = {
+        **summary,
+        "configs": {k: {n: v[n] for n in names if n in v} for k, v in summary["configs"].items()},
+        "differences": {
+            k: {n: v[n] for n in names if n in v} for k, v in summary["differences"].items()
+        },
+    }
+    steps = ", ".join(f"{label}: {value}" for label, value in summary["steps"].items())
+    text = "\n".join(
+        [
+            "# Single-task vs fused on synthetic scenes, over seeds",
+            "",
+            f"Command: `{command}`",
+            "",
+            f"Device: {env['device']}; python {env['python']}, torch {env['torch']}, "
+            f"nddrify {env['nddrify']}; {seconds:.0f} s in all.",
+            "",
+            "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()),
+            "",
+            f"Steps per task: {steps}.",
+            "",
+            format_markdown(shown, digits=2),
+            "",
+        ]
+    )
+    markdown.write_text(text)
+    payload = {
+        "command": command,
+        "settings": settings,
+        "environment": env,
+        "seconds": seconds,
+        **summary,
+    }
+    data = markdown.with_suffix(".json")
+    data.write_text(json.dumps(payload, indent=2) + "\n")
+    return markdown, data
+
+
 def _print_table(
     rows: Sequence[tuple[str, str, dict[str, dict[str, float]], float]], console: Any
 ) -> None:
     from rich.table import Table
 
-    columns = [
-        ("seg", "mIoU", "mIoU"),
-        ("seg", "pixel_acc", "PAcc"),
-        ("normal", "mean", "Mean°"),
-        ("normal", "median", "Med.°"),
-        ("normal", "within_11.25", "11.25"),
-        ("normal", "within_22.5", "22.5"),
-        ("normal", "within_30", "30"),
-    ]
+    columns = _COLUMNS
     table = Table(title="Synthetic scenes, test split: single-task vs fused")
     table.add_column("model", no_wrap=True)
     table.add_column("steps", justify="right", no_wrap=True)
@@ -185,7 +349,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=["nddr"],
         help=f"comma-separated fusion methods to compare ({', '.join(METHODS[1:])})",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="(first) seed")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="repeat for N seeds (seed … seed+N−1) and print mean ± std and paired differences "
+        "vs single-task with 95%% t intervals (default 1: one run, plain numbers)",
+    )
+    parser.add_argument(
+        "--labelled",
+        default="",
+        metavar="TASK=FRACTION,...",
+        help="keep the labels of only this fraction of the training scenes for a task, e.g. "
+        "seg=0.125 (the config field synthetic_labelled; default: all labels)",
+    )
+    parser.add_argument(
+        "--report",
+        default="",
+        metavar="PATH.md",
+        help="also write the table, command, settings and versions to PATH.md and PATH.json",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -215,18 +400,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads < 0:
         console.print(f"[red]error:[/red] --threads {args.threads} must be ≥ 0.")
         return 2
+    if args.seeds < 1:
+        console.print(f"[red]error:[/red] --seeds {args.seeds} must be ≥ 1.")
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     try:
-        rows = run_demo(args)
+        per_seed = run_seeds(args)
     except TrainingInterrupted as stopped:
         console.print(f"{stopped}; run the demo again to start over.", markup=False)
         return stopped.exit_code
     except NddrifyError as error:
         console.print(f"[red]error:[/red] {error}")
         return 2
-    _print_table(rows, console)
+    summary = summarise_seeds(per_seed)
+    if args.seeds == 1:
+        _print_table(next(iter(per_seed.values())), console)
+    else:
+        _print_summary(summary, console)
+    if args.report:
+        argv_list = list(sys.argv[1:] if argv is None else argv)
+        paths = write_report(args.report, summary, args, argv_list, time.perf_counter() - start)
+        console.print(f"report: {paths[0]}, {paths[1]}")
     console.print(
         f"{time.perf_counter() - start:.0f} s in all; runs, curves and checkpoints in {args.out}"
     )

@@ -54,6 +54,7 @@ def load_run(run_dir: str | Path) -> tuple[RecipeConfig, nn.Module]:
     values = json.loads(config_path.read_text())
     values["init_from"] = {}  # the trained weights replace every initialisation
     values["pretrained"] = ""
+    values["start"] = "pretrained"  # nor the DeepLab VOC start (recipes.deeplab_weights)
     config = config_from_dict(values)
     network = build_network(config).module
     model_path, checkpoint_path = run / "model.pt", run / "checkpoint.pt"

@@ -161,6 +161,8 @@ def dataset_for(config: RecipeConfig, split: str, *, train: bool) -> Any:
             else config.synthetic_test_images,
             "size": tuple(config.synthetic_size),
             "data_seed": config.seed,
+            # a fraction of the training labels only; the test split keeps every label
+            "labelled": config.synthetic_labelled if split == "train" else None,
         }
     if config.dataset in ("imdb", "wiki"):
         options = {"test_subjects": config.test_subjects, "resize": config.face_resize}
@@ -173,6 +175,8 @@ def dataset_for(config: RecipeConfig, split: str, *, train: bool) -> Any:
         mean=config.mean,
         scale=(config.scale_min, config.scale_max),
         mirror=config.mirror,
+        negate_normal_x=config.metrics_convention == "mtan",  # MTAN negates x on flips
+        rescale_resize=config.rescale_resize,
         normals=config.normals,
         **options,
     )

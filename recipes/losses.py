@@ -16,7 +16,9 @@ Your own tasks (``losses=task=NAME``, :mod:`recipes.custom`) use the losses of
 Where the loss is taken (``at``): ``"output"`` (official) compares at the network's output
 stride, labels/targets/masks nearest-downsampled to the prediction's H×W (PyTorch ``"nearest"``:
 source index ``floor(i · in/out)``, the same as TF1 ``resize_nearest_neighbor``); ``"input"`` (the
-PyTorch ports) upsamples the prediction bilinearly (``align_corners=False``) to the label size.
+PyTorch ports) upsamples the prediction bilinearly to the label size with ``resize`` (config
+``eval_resize``, :mod:`recipes.resizing`): default ``"tf_legacy"`` (TF1 ``resize_bilinear``, as
+the official evaluation), or ``"align_corners_false"`` / ``"align_corners_true"`` (PyTorch's).
 
 Example:
     >>> import torch
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
+from .resizing import resize_bilinear
 
 __all__ = [
     "segmentation_loss",
@@ -84,14 +87,20 @@ def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return resized[:, 0] if squeeze else resized
 
 
-def _upsample(prediction: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    if tuple(prediction.shape[-2:]) == tuple(size):
-        return prediction
-    return F.interpolate(prediction, size=tuple(size), mode="bilinear", align_corners=False)
+def _upsample(
+    prediction: torch.Tensor, size: tuple[int, ...], mode: str = "tf_legacy"
+) -> torch.Tensor:
+    """``prediction`` (N×C×h×w) bilinearly resized to ``size`` with convention ``mode``."""
+    return resize_bilinear(prediction, size, mode)
 
 
 def segmentation_loss(
-    logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = 255, at: str = "output"
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int = 255,
+    at: str = "output",
+    resize: str = "tf_legacy",
 ) -> torch.Tensor:
     """Cross-entropy over the pixels whose label is not ``ignore_index`` (0 when there are none).
 
@@ -101,6 +110,7 @@ def segmentation_loss(
         ignore_index: label excluded from the loss.
         at: ``"output"`` (labels nearest-downsampled to h×w, official) or ``"input"`` (logits
             bilinearly upsampled to H×W).
+        resize: the bilinear convention of ``at="input"`` (:data:`recipes.resizing.RESIZE_MODES`).
 
     Example:
         >>> import torch
@@ -112,7 +122,7 @@ def segmentation_loss(
     if at == "output":
         target = resize_labels(target, tuple(logits.shape[-2:]))
     else:
-        logits = _upsample(logits, tuple(target.shape[-2:]))
+        logits = _upsample(logits, tuple(target.shape[-2:]), resize)
     target = target.long()
     if not bool((target != ignore_index).any()):
         return logits.sum() * 0.0
@@ -120,7 +130,12 @@ def segmentation_loss(
 
 
 def normal_loss(
-    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, at: str = "output"
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    at: str = "output",
+    resize: str = "tf_legacy",
 ) -> torch.Tensor:
     """Mean cosine distance ``1 − cos(pred, target)`` over the valid pixels (0 when none).
 
@@ -130,6 +145,7 @@ def normal_loss(
         mask: N×H×W bool, True where the ground truth is valid.
         at: ``"output"`` (target and mask nearest-downsampled to h×w, official) or ``"input"``
             (prediction bilinearly upsampled to H×W).
+        resize: the bilinear convention of ``at="input"`` (:data:`recipes.resizing.RESIZE_MODES`).
 
     Example:
         >>> import torch
@@ -143,7 +159,7 @@ def normal_loss(
         size = tuple(pred.shape[-2:])
         target, mask = resize_labels(target, size), resize_labels(mask, size)
     else:
-        pred = _upsample(pred, tuple(target.shape[-2:]))
+        pred = _upsample(pred, tuple(target.shape[-2:]), resize)
     pred = pred.float()  # half-precision outputs (AMP) are normalised in float32
     cosine = (F.normalize(pred, dim=1) * F.normalize(target.float(), dim=1)).sum(dim=1)
     valid = mask.bool()
@@ -189,6 +205,7 @@ def multitask_loss(
     weights: Mapping[str, float] = LOSS_WEIGHTS,
     at: str = "output",
     losses: Mapping[str, str] | None = None,
+    resize: str = "tf_legacy",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the task losses of ``outputs`` (task → prediction).
 
@@ -201,6 +218,9 @@ def multitask_loss(
         losses: your own tasks' losses (task → built-in name or spec,
             :func:`recipes.custom_losses.resolve_loss`), each applied to ``batch[task]``; empty
             or None: the paper's losses by task name.
+        resize: the bilinear convention of ``at="input"`` for the paper's seg and normal losses
+            (config ``eval_resize``); your own tasks' built-in losses upsample with the default
+            ``"tf_legacy"``.
 
     Returns:
         ``(total, per_task)``: the weighted sum and each task's unweighted loss.
@@ -233,7 +253,7 @@ def multitask_loss(
                 f"missing {missing}; check the dataset's TASKS and the model's task names."
             )
         targets = [batch[key] for key in TASK_TARGETS[task]]
-        extra = {"at": at} if task in ("seg", "normal") else {}
+        extra = {"at": at, "resize": resize} if task in ("seg", "normal") else {}
         per_task[task] = TASK_LOSSES[task](prediction, *targets, **extra)
     total = torch.stack(
         [float(weights.get(task, 1.0)) * loss for task, loss in per_task.items()]

@@ -15,14 +15,20 @@ batch keys of :data:`recipes.losses.TASK_TARGETS`), ``compute() -> dict[str, flo
   ``within_22.5``, ``within_30`` (% with angle ≤ t, inclusive as the official ``np.less_equal``).
   The median needs all angles: they are kept (float32, CPU), about 4 bytes per valid pixel
   (≈ 0.8 GB for NYUv2's 654 test images at 480×640). Angles are computed in float64 and stored
-  in float32, so a pair exactly t degrees apart counts as within t.
+  in float32, so a pair exactly t degrees apart counts as within t. ``convention="mtan"``
+  (config ``metrics_convention``; :mod:`recipes.metric_conventions`) follows lorenmt/mtan
+  instead: valid also needs ``sum(target) != 0``, ``within`` is strict (``< t``), and every
+  metric is taken per batch, then averaged over the batches.
 * :class:`AgeMeter` — expected age ``Σ_k p(k)·k`` over the softmax of k = 0..99; ``mean_ae`` and
   ``median_ae`` (years).
 * :class:`GenderMeter` — ``accuracy`` (%).
 
-Pixel predictions at output stride are upsampled bilinearly (``align_corners=False``) to the
-label size before scoring, as the official evaluation. Medians are ``np.median``'s (mean of the
-two middle values for an even count).
+Pixel predictions at output stride are upsampled bilinearly to the label size before scoring
+(``resize``, config ``eval_resize``; :mod:`recipes.resizing`): by default ``"tf_legacy"``, TF1's
+``resize_bilinear`` without half-pixel centres (source = destination · in/out), as the official
+evaluation (REFERENCE §7); ``"align_corners_false"`` (PyTorch's default, half-pixel) and
+``"align_corners_true"`` are options. Float64 scores stay float64 (others become float32).
+Medians are ``np.median``'s (mean of the two middle values for an even count).
 
 Example:
     >>> import torch
@@ -43,6 +49,16 @@ import torch.nn.functional as F
 
 from .errors import ConfigError
 from .losses import TASK_TARGETS
+from .metric_conventions import (
+    average_rows,
+    batch_row,
+    check_convention,
+    median,
+    normal_valid,
+    within_percent,
+)
+from .metric_tables import COLUMN_LABELS, COLUMN_ORDER, format_table
+from .resizing import check_resize_mode, resize_bilinear
 
 __all__ = [
     "Meter",
@@ -111,23 +127,12 @@ class _MeterBase:
         )
 
 
-def _median(values: torch.Tensor) -> float:
-    """``np.median``: the middle value, or the mean of the two middle values."""
-    count = values.numel()
-    if count == 0:
-        return math.nan
-    flat = values.reshape(-1).to(torch.float64)
-    low = flat.kthvalue((count + 1) // 2).values
-    if count % 2:
-        return float(low)
-    high = flat.kthvalue(count // 2 + 1).values
-    return float((low + high) / 2)
-
-
-def _upsample_to(prediction: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def _upsample_to(prediction: torch.Tensor, size: Sequence[int], mode: str) -> torch.Tensor:
     if tuple(prediction.shape[-2:]) == tuple(size):
         return prediction
-    return F.interpolate(prediction.float(), size=tuple(size), mode="bilinear", align_corners=False)
+    if prediction.dtype != torch.float64:
+        prediction = prediction.float()
+    return resize_bilinear(prediction, size, mode)
 
 
 class SegmentationMeter(_MeterBase):
@@ -138,6 +143,8 @@ class SegmentationMeter(_MeterBase):
         ignore_index: label that is never scored.
         absent: ``"exclude"`` (official: classes with TP + FP + FN = 0 leave the mean) or
             ``"zero"`` (they count as IoU 0).
+        resize: how scores are upsampled to the labels' H×W (:data:`recipes.resizing.RESIZE_MODES`;
+            default ``"tf_legacy"``, the official evaluation's).
 
     ``update(output, target)``: ``output`` N×C×h×w scores (upsampled bilinearly to H×W, then
     argmax) or N×H×W integer predictions; ``target`` N×H×W labels.
@@ -152,10 +159,17 @@ class SegmentationMeter(_MeterBase):
 
     task = "seg"
 
-    def __init__(self, num_classes: int = 40, ignore_index: int = 255, absent: str = "exclude"):
+    def __init__(
+        self,
+        num_classes: int = 40,
+        ignore_index: int = 255,
+        absent: str = "exclude",
+        resize: str = "tf_legacy",
+    ) -> None:
         if absent not in ("exclude", "zero"):
             raise ConfigError(f"SegmentationMeter: absent={absent!r}; use 'exclude' or 'zero'.")
         self.num_classes, self.ignore_index, self.absent = num_classes, ignore_index, absent
+        self.resize = check_resize_mode(resize, "SegmentationMeter: resize")
         self.reset()
 
     def reset(self) -> None:
@@ -169,7 +183,7 @@ class SegmentationMeter(_MeterBase):
                     f"SegmentationMeter: scores must be N×{self.num_classes}×h×w, got "
                     f"{tuple(prediction.shape)}."
                 )
-            prediction = _upsample_to(prediction, target.shape[-2:]).argmax(dim=1)
+            prediction = _upsample_to(prediction, target.shape[-2:], self.resize).argmax(dim=1)
         if prediction.shape != target.shape:
             raise ConfigError(
                 f"SegmentationMeter: predicted labels {tuple(prediction.shape)} and target "
@@ -217,9 +231,12 @@ class NormalMeter(_MeterBase):
     """Angles between predicted and true normals over valid pixels → ``{"mean", "median",
     "rmse", "within_11.25", "within_22.5", "within_30"}``.
 
-    ``update(pred, target, mask)``: ``pred`` N×3×h×w (upsampled bilinearly to H×W), ``target``
-    N×3×H×W (raw 0..255 or unit vectors; both are L2-normalised), ``mask`` N×H×W bool (True =
-    valid). A zero vector normalises to zero: its angle is 90°.
+    ``update(pred, target, mask)``: ``pred`` N×3×h×w (upsampled bilinearly to H×W as ``resize``
+    says, default ``"tf_legacy"``), ``target`` N×3×H×W (raw 0..255 or unit vectors; both are
+    L2-normalised), ``mask`` N×H×W bool (True = valid). A zero vector normalises to zero: its
+    angle is 90°. ``convention``: ``"official"`` (pooled angles, ``≤ t``) or ``"mtan"`` (per
+    ``update`` call, i.e. per batch, then averaged; ``< t``; valid also needs ``sum != 0``;
+    :mod:`recipes.metric_conventions`).
 
     Example:
         >>> import torch
@@ -231,12 +248,20 @@ class NormalMeter(_MeterBase):
 
     task = "normal"
 
-    def __init__(self, thresholds: Iterable[float] = NORMAL_THRESHOLDS) -> None:
+    def __init__(
+        self,
+        thresholds: Iterable[float] = NORMAL_THRESHOLDS,
+        resize: str = "tf_legacy",
+        convention: str = "official",
+    ) -> None:
         self.thresholds = tuple(thresholds)
+        self.resize = check_resize_mode(resize, "NormalMeter: resize")
+        self.convention = check_convention(convention)
         self.reset()
 
     def reset(self) -> None:
         self.angles: list[torch.Tensor] = []
+        self.rows: list[torch.Tensor] = []  # convention "mtan": one row per batch
 
     def update(self, prediction: torch.Tensor, *targets: torch.Tensor) -> None:
         target, mask = targets
@@ -250,22 +275,34 @@ class NormalMeter(_MeterBase):
                 f"NormalMeter: mask {tuple(mask.shape)} must be N×H×W of target "
                 f"{tuple(target.shape)}."
             )
-        prediction = _upsample_to(prediction, target.shape[-2:])
+        prediction = _upsample_to(prediction, target.shape[-2:], self.resize)
         cosine = (
             F.normalize(prediction.to(torch.float64), dim=1)
             * F.normalize(target.to(torch.float64), dim=1)
         ).sum(dim=1)
         angles = torch.rad2deg(torch.arccos(cosine.clamp(-1.0, 1.0)))
-        self.update_angles(angles[mask.bool()])
+        self.update_angles(angles[normal_valid(target, mask, self.convention)])
 
     def update_angles(self, angles: torch.Tensor) -> None:
-        """Add precomputed angles in degrees (any shape; stored as float32 on the CPU)."""
+        """Add precomputed angles in degrees (any shape; stored as float32 on the CPU), one
+        batch of them for ``convention="mtan"`` (kept as that batch's metrics)."""
+        if self.convention == "mtan":
+            row = batch_row(angles.detach().cpu(), self.thresholds)
+            if row is not None:
+                self.rows.append(row)
+            return
         self.angles.append(angles.detach().reshape(-1).to(torch.float32).cpu())
 
     def _all(self) -> torch.Tensor:
         return torch.cat(self.angles) if self.angles else torch.zeros(0, dtype=torch.float32)
 
+    def _rows(self) -> torch.Tensor:
+        width = 3 + len(self.thresholds)
+        return torch.stack(self.rows) if self.rows else torch.zeros(0, width, dtype=torch.float64)
+
     def compute(self) -> dict[str, float]:
+        if self.convention == "mtan":
+            return average_rows(self._rows(), self.thresholds)
         angles = self._all()
         result = {"mean": math.nan, "median": math.nan, "rmse": math.nan}
         result.update({f"within_{t:g}": math.nan for t in self.thresholds})
@@ -273,18 +310,30 @@ class NormalMeter(_MeterBase):
             return result
         wide = angles.to(torch.float64)
         result["mean"] = float(wide.mean())
-        result["median"] = _median(angles)
+        result["median"] = median(angles)
         result["rmse"] = math.sqrt(float((wide**2).mean()))
         for t in self.thresholds:
-            result[f"within_{t:g}"] = 100 * float((angles <= t).to(torch.float64).mean())
+            result[f"within_{t:g}"] = within_percent(angles, t, "official")
         return result
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.convention == "mtan":
+            return {"batches": self._rows()}
         return {"angles": self._all()}
 
     def merge(self, other: Any) -> None:
-        """Append another meter's (or state dict's) angles."""
-        self.angles.append(self._other_state(other)["angles"].to(torch.float32).cpu())
+        """Append another meter's (or state dict's) angles (``"mtan"``: batch rows)."""
+        state = self._other_state(other)
+        key = "batches" if self.convention == "mtan" else "angles"
+        if key not in state:
+            raise ConfigError(
+                f"NormalMeter.merge: the other state has no {key!r}; merge meters of the same "
+                f"convention ({self.convention!r})."
+            )
+        if key == "batches":
+            self.rows.extend(state["batches"].to(torch.float64).cpu().unbind(0))
+        else:
+            self.angles.append(state["angles"].to(torch.float32).cpu())
 
 
 class AgeMeter(_MeterBase):
@@ -329,7 +378,7 @@ class AgeMeter(_MeterBase):
         errors = self._all()
         if errors.numel() == 0:
             return {"mean_ae": math.nan, "median_ae": math.nan}
-        return {"mean_ae": float(errors.mean()), "median_ae": _median(errors)}
+        return {"mean_ae": float(errors.mean()), "median_ae": median(errors)}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"errors": self._all()}
@@ -417,91 +466,3 @@ def sync_meter(meter: Meter) -> Meter:
     for state in states:
         meter.merge(state)
     return meter
-
-
-#: Column order of the paper's tables (normals, then segmentation; age, then gender).
-COLUMN_ORDER: tuple[str, ...] = (
-    "mean",
-    "median",
-    "rmse",
-    "within_11.25",
-    "within_22.5",
-    "within_30",
-    "mIoU",
-    "pixel_acc",
-    "mean_ae",
-    "median_ae",
-    "accuracy",
-)
-
-#: Column headers as printed in the paper.
-COLUMN_LABELS: dict[str, str] = {
-    "mean": "Mean",
-    "median": "Med.",
-    "rmse": "RMSE",
-    "within_11.25": "11.25",
-    "within_22.5": "22.5",
-    "within_30": "30",
-    "mIoU": "mIoU",
-    "pixel_acc": "PAcc",
-    "mean_ae": "Mean AE",
-    "median_ae": "Median AE",
-    "accuracy": "Acc. (%)",
-}
-
-
-def _flat(metrics: Mapping[str, Any]) -> dict[str, float]:
-    flat: dict[str, float] = {}
-    for key, value in metrics.items():
-        if isinstance(value, Mapping):
-            flat.update(_flat(value))
-        else:
-            flat[key] = float(value)
-    return flat
-
-
-def format_table(
-    rows: Mapping[str, Mapping[str, Any]] | Sequence[tuple[str, Mapping[str, Any]]],
-    *,
-    columns: Sequence[str] | None = None,
-    digits: int = 1,
-    first_column: str = "Method",
-) -> str:
-    """A Markdown table in the paper's layout: one row per method, one column per metric.
-
-    Args:
-        rows: method name → metrics, as a dict or a list of pairs. Metrics may be flat
-            (``{"mIoU": 36.2, "mean": 13.9}``) or by task (``{"seg": {...}, "normal": {...}}``).
-        columns: metric keys to show, in order; default: every key present, in
-            :data:`COLUMN_ORDER` (unknown keys last, in order of appearance).
-        digits: decimals (the paper prints 1).
-        first_column: header of the method column.
-
-    A missing metric prints as ``-``. No trailing newline.
-
-    Example:
-        >>> print(format_table({"Ours": {"mIoU": 36.21, "pixel_acc": 66.4}, "Sing.": {"mIoU": 33.5}}))
-        | Method | mIoU | PAcc |
-        |:---|---:|---:|
-        | Ours | 36.2 | 66.4 |
-        | Sing. | 33.5 | - |
-    """
-    pairs = list(rows.items()) if isinstance(rows, Mapping) else list(rows)
-    flat_rows = [(str(name), _flat(metrics)) for name, metrics in pairs]
-    if columns is None:
-        present: list[str] = []
-        for _, metrics in flat_rows:
-            present += [key for key in metrics if key not in present]
-        known = [key for key in COLUMN_ORDER if key in present]
-        columns = known + [key for key in present if key not in COLUMN_ORDER]
-    header = [first_column] + [COLUMN_LABELS.get(key, key) for key in columns]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join([":---"] + ["---:"] * len(columns)) + "|",
-    ]
-    for name, metrics in flat_rows:
-        cells = [name] + [
-            f"{metrics[key]:.{digits}f}" if key in metrics else "-" for key in columns
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)

@@ -8,7 +8,11 @@ and ``mIoU`` (dense labels, classes = the prediction's channels) or ``accuracy``
 ``l1`` / ``l2`` / ``mse``: ``mae`` and ``rmse``; ``cosine``: ``mean_angle``, ``median_angle``,
 ``within_11.25``, ``within_22.5``, ``within_30`` (degrees, %); ``bce``: ``accuracy`` (logit > 0
 against target > 0.5, per element); your own loss: ``loss`` only. Metrics other than the loss
-compare dense predictions upsampled bilinearly to the target's size. A dataset callable without a
+compare dense predictions upsampled bilinearly to the target's size (``resize``, config
+``eval_resize``: default ``"tf_legacy"``, the official evaluation's TF1 ``resize_bilinear``; the
+``loss`` itself with ``loss_at=input`` upsamples with ``"tf_legacy"``). The paper's tasks are
+scored by :data:`recipes.metrics.METERS` with the config's ``eval_resize`` and
+``metrics_convention``. A dataset callable without a
 ``split`` parameter has no test split: evaluating ``test`` returns ``{}`` (nothing is scored).
 
 Example:
@@ -30,6 +34,7 @@ from torch import nn
 
 from .configs import RecipeConfig
 from .distributed import DistContext
+from .losses import _upsample
 
 __all__ = ["evaluate_network", "TaskLossMeter"]
 
@@ -40,10 +45,19 @@ class TaskLossMeter:
     """Evaluation of your own task ``task`` with loss ``spec`` (module docstring): streaming,
     with ``state_dict`` / ``merge`` for :func:`recipes.metrics.sync_meter` under DDP."""
 
-    def __init__(self, task: str, spec: str, at: str = "output", absent: str = "exclude") -> None:
+    def __init__(
+        self,
+        task: str,
+        spec: str,
+        at: str = "output",
+        absent: str = "exclude",
+        resize: str = "tf_legacy",
+    ) -> None:
         from .custom_losses import resolve_loss
+        from .resizing import check_resize_mode
 
         self.task, self.spec, self.at, self.absent = task, spec, at, absent
+        self.resize = check_resize_mode(resize, "TaskLossMeter: resize")
         self.loss = resolve_loss(spec, f"losses.{task}")
         self.reset()
 
@@ -66,7 +80,10 @@ class TaskLossMeter:
             if prediction.dim() == 4:
                 if self.segmentation is None:
                     self.segmentation = SegmentationMeter(
-                        prediction.shape[1], ignore_index=index, absent=self.absent
+                        prediction.shape[1],
+                        ignore_index=index,
+                        absent=self.absent,
+                        resize=self.resize,
                     )
                 self.segmentation.update(prediction, target)
             else:
@@ -75,6 +92,8 @@ class TaskLossMeter:
                 self.sums["correct"] += float(hits.sum())
                 self.sums["total"] += float(valid.sum())
         elif kind in ("l1", "l2", "bce", "cosine"):
+            if prediction.dim() == 4 and target.dim() >= 3:
+                prediction = _upsample(prediction, tuple(target.shape[-2:]), self.resize)
             prediction, target, valid = self.loss.prepare(prediction, target, "input")
             if kind == "cosine":
                 cosine = (
@@ -136,6 +155,7 @@ class TaskLossMeter:
                     state["confusion"].shape[0],
                     ignore_index=255 if index is None else index,
                     absent=self.absent,
+                    resize=self.resize,
                 )
             self.segmentation.merge(state)
         if "angles" in state:
@@ -147,17 +167,26 @@ class TaskLossMeter:
 def _meters(config: RecipeConfig, tasks: Sequence[str]) -> dict[str, Any]:
     from .builders import num_outputs
     from .custom import is_custom_data
-    from .metrics import METERS, SegmentationMeter
+    from .metrics import METERS, NormalMeter, SegmentationMeter
 
     if is_custom_data(config):
         return {
-            t: TaskLossMeter(t, config.losses[t], config.loss_at, config.miou_absent) for t in tasks
+            t: TaskLossMeter(
+                t, config.losses[t], config.loss_at, config.miou_absent, config.eval_resize
+            )
+            for t in tasks
         }
     meters: dict[str, Any] = {}
     for task in tasks:
         if task == "seg":
             meters[task] = SegmentationMeter(
-                num_classes=num_outputs(config, "seg"), absent=config.miou_absent
+                num_classes=num_outputs(config, "seg"),
+                absent=config.miou_absent,
+                resize=config.eval_resize,
+            )
+        elif task == "normal":
+            meters[task] = NormalMeter(
+                resize=config.eval_resize, convention=config.metrics_convention
             )
         else:
             meters[task] = METERS[task]()

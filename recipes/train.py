@@ -351,7 +351,12 @@ def _train(
                 outputs = model(images)
             outputs = {t: outputs[t].float() for t in tasks}
             _, per_task = multitask_loss(
-                outputs, batch, config.loss_weights, at=config.loss_at, losses=config.losses
+                outputs,
+                batch,
+                config.loss_weights,
+                at=config.loss_at,
+                losses=config.losses,
+                resize=config.eval_resize,
             )
             if context.world_size > 1:
                 counts = valid_counts(outputs, batch, config.loss_at, config.losses)

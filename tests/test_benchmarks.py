@@ -193,3 +193,23 @@ def test_cli_startup_one_round(tmp_path: Path) -> None:
         "import nddrify; nddrify.fuse",
     }
     assert "| `nddrify --help` |" in (tmp_path / "cli_startup.md").read_text()
+
+
+def test_paper_step_time_estimates_and_flop_counts() -> None:
+    cost = _load("paper_step_time")
+    records = [
+        {"family": "f", "method": "single", "steps": 100, "flops_per_step": 3.6e15,
+         "cpu_flops_per_s": 1e10},
+        {"family": "f", "method": "nddr", "steps": 100, "flops_per_step": 7.2e15},
+    ]  # fmt: skip
+    single, fused = cost.estimate(records, gpu_tflops=100.0)
+    assert single["gpu_hours"] == pytest.approx(1.0)  # 100 × 3.6e15 FLOP / 1e14 FLOP/s = 1 h
+    assert fused["gpu_hours"] == pytest.approx(2.0)
+    assert fused["gpu_hours_with_single"] == pytest.approx(3.0)
+    assert single["cpu_factor"] == pytest.approx(1e4)
+    # the fused network runs both task networks plus the fusion layers
+    flops = {
+        n: cost.count_flops(cost._config(f"synthetic_demo_{n}"))
+        for n in ("single_seg", "single_normal", "nddr")
+    }
+    assert flops["nddr"] > flops["single_seg"] + flops["single_normal"] > 0

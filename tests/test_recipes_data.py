@@ -871,3 +871,67 @@ def test_synthetic_scenes_are_learnable() -> None:
         )
     assert accuracy > majority + 0.25, (accuracy, majority)
     assert angles.mean() < 0.7 * constant.mean(), (angles.mean(), constant.mean())
+
+
+# ----------------------------------------------------------------------------- rescale convention
+
+
+def _two_by_two() -> dict[str, torch.Tensor]:
+    """A 2×2 sample: image red channel [[0, 90], [0, 90]] (green/blue 0), seg [[0, 1], [2, 3]],
+    unit normals all +z."""
+    image = torch.zeros(2, 2, 3, dtype=torch.uint8)
+    image[:, 1, 0] = 90
+    normal = torch.zeros(2, 2, 3)
+    normal[..., 2] = 1.0
+    return {"image": image, "seg": torch.tensor([[0, 1], [2, 3]]), "normal": normal}
+
+
+@pytest.mark.parametrize(
+    ("resize", "middle_red", "seg_rows"),
+    [
+        # sources 0, 2/3, 4/3: bilinear 90·2/3 = 60; nearest floor → rows/cols 0, 0, 1
+        ("tf_legacy", 60.0, [[0, 0, 1], [0, 0, 1], [2, 2, 3]]),
+        # half-pixel: sources −1/6 (clamped), 1/2, 7/6: bilinear 45; nearest floor((i+.5)·2/3)
+        ("align_corners_false", 45.0, [[0, 1, 1], [2, 3, 3], [2, 3, 3]]),
+        # sources 0, 1/2, 1: bilinear 45; nearest round half up → 0, 1, 1
+        ("align_corners_true", 45.0, [[0, 1, 1], [2, 3, 3], [2, 3, 3]]),
+    ],
+)
+def test_rescale_resizes_image_and_labels_with_one_convention(
+    resize: str, middle_red: float, seg_rows: list[list[int]]
+) -> None:
+    transform = TrainTransform(crop=3, scale=(1.5, 1.5), mirror=False, mean="none", resize=resize)
+    out = transform(_two_by_two(), generator=_gen(0))  # 2×2 · 1.5 → 3×3 = the crop: no offset
+    red = (out["image"][0] * 255).tolist()
+    assert red[0] == pytest.approx([0.0, middle_red, 90.0], abs=1e-4)
+    assert red[2] == pytest.approx([0.0, middle_red, 90.0], abs=1e-4)
+    assert out["seg"].tolist() == seg_rows
+    assert out["normal_mask"].all() and (out["normal"][2] == 1).all()
+
+
+def test_rescale_default_is_tf_legacy_and_unknown_modes_are_refused() -> None:
+    assert TrainTransform().resize == "tf_legacy"
+    assert build_dataset(
+        "synthetic", split="train", num_images=1, size=(8, 8)
+    ).transform.resize == ("tf_legacy")
+    with pytest.raises(ConfigError, match="tf_legacy"):
+        TrainTransform(resize="bicubic")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "resize", "negate"),
+    [
+        ([], "tf_legacy", False),
+        (["rescale_resize=align_corners_false"], "align_corners_false", False),
+        (["metrics_convention=mtan"], "tf_legacy", True),  # MTAN negates x on flips
+    ],
+)
+def test_config_reaches_the_training_transform(
+    overrides: list[str], resize: str, negate: bool
+) -> None:
+    from recipes.configs import apply_overrides, get_config
+    from recipes.loading import dataset_for
+
+    config = apply_overrides(get_config("synthetic_demo_nddr"), ["synthetic_images=1", *overrides])
+    transform = dataset_for(config, "train", train=True).transform
+    assert (transform.resize, transform.negate_normal_x) == (resize, negate)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,10 +104,16 @@ def _synthetic(
     data_seed: int = 0,
     num_classes: int = NYUV2_NUM_CLASSES,
     normals: str = "raw",
+    labelled: Mapping[str, float] | None = None,
 ) -> Dataset:
     prefix = official_split_name(split)
     default_count = _SYNTHETIC_DEFAULT_IMAGES["train" if prefix == "training" else "test"]
     count = default_count if num_images is None else num_images
+    if labelled and root is not None:
+        raise ConfigError(
+            "synthetic scenes with a fraction of the labels (labelled=...) render in memory "
+            "only; leave the data root empty"
+        )
     # One scene stream per split: seed 2·data_seed for training, 2·data_seed + 1 for testing.
     scenes = SyntheticScenes(
         count,
@@ -115,6 +121,7 @@ def _synthetic(
         seed=2 * data_seed + (prefix == "testing"),
         num_classes=num_classes,
         normals=normals,
+        labelled=labelled,
     )
     if root is None:
         return scenes
@@ -208,6 +215,7 @@ def build_dataset(
     scale: tuple[float, float] | None = (0.5, 1.5),
     mirror: bool = True,
     negate_normal_x: bool = False,
+    rescale_resize: str = "tf_legacy",
     normals: str = "raw",
     ignore_index: int = 255,
     aug_seed: int | None = None,
@@ -218,6 +226,7 @@ def build_dataset(
     size: tuple[int, int] = (96, 128),
     data_seed: int = 0,
     num_classes: int | None = None,
+    labelled: Mapping[str, float] | None = None,
     test_subjects: int = 2000,
     split_seed: int = 0,
 ) -> TransformedDataset:
@@ -232,6 +241,8 @@ def build_dataset(
         crop: training crop (default :data:`DEFAULT_CROP`; synthetic: the scene size).
         mean: ``"caffe_bgr"`` (official), ``"imagenet"`` or ``"none"``.
         scale, mirror, negate_normal_x, ignore_index: see :class:`TrainTransform`.
+        rescale_resize: the random rescale's convention (:class:`TrainTransform` ``resize``;
+            default ``"tf_legacy"``, the official code's).
         normals: ``"raw"`` (official: uint8 values as the direction) or ``"unit"``; NYUv2 and
             synthetic only (MTAN normals are unit vectors).
         aug_seed: None: augmentation draws from torch's global RNG; an int: from
@@ -240,6 +251,8 @@ def build_dataset(
         resize: faces are resized to ``resize``² before the ``crop``² crop.
         num_images, size, data_seed, num_classes: synthetic scenes (default 64 train / 16 test
             images of 96×128, 40 classes).
+        labelled: synthetic scenes: task → fraction of the images keeping that task's labels
+            (:class:`recipes.data.synthetic.SyntheticScenes`; default all).
         test_subjects, split_seed: IMDB-WIKI subject split (2000 held-out subjects).
 
     Example:
@@ -260,6 +273,8 @@ def build_dataset(
         }
         if num_classes is not None:
             options["num_classes"] = num_classes
+        if labelled:
+            options["labelled"] = dict(labelled)
     elif name == "nyuv2":
         options = {"normals": normals}
     elif name in ("imdb", "wiki"):
@@ -281,6 +296,7 @@ def build_dataset(
             mean=mean,
             ignore_index=ignore_index,
             negate_normal_x=negate_normal_x,
+            resize=rescale_resize,
         )
     else:
         transform = EvalTransform(

@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,15 @@ from torch.utils.data import Dataset
 from ..errors import ConfigError
 from .transforms import decode_normals, encode_normals, sample_generator
 
-__all__ = ["SceneKind", "SCENE_KINDS", "NYU40_CLASSES", "SyntheticScenes", "render_scene"]
+__all__ = [
+    "SceneKind",
+    "SCENE_KINDS",
+    "NYU40_CLASSES",
+    "SyntheticScenes",
+    "render_scene",
+    "drop_labels",
+    "labelled_count",
+]
 
 
 @dataclass(frozen=True)
@@ -335,6 +344,50 @@ def render_scene(
     return sample
 
 
+#: Tasks whose labels :func:`drop_labels` can remove.
+_LABEL_TASKS = ("seg", "normal")
+
+
+def labelled_count(fraction: float, num_images: int) -> int:
+    """How many images keep a task's labels when a ``fraction`` of ``num_images`` does:
+    ``round(fraction · num_images)``, at least 1 when ``fraction`` > 0.
+
+    Example:
+        >>> labelled_count(0.125, 256), labelled_count(0.01, 10), labelled_count(0.0, 10)
+        (32, 1, 0)
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ConfigError(f"labelled fraction {fraction}: expected a number in [0, 1]")
+    count = round(fraction * num_images)
+    return max(count, 1) if fraction > 0 else 0
+
+
+def drop_labels(sample: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
+    """``sample`` with the labels of ``task`` ignored everywhere: ``seg`` all 255 (the ignore
+    label), ``normal`` invalid (raw encoding all 255, or unit vectors all 0) with a False
+    ``normal_mask``. The losses then skip the sample for that task.
+
+    Example:
+        >>> import torch
+        >>> raw = render_scene((4, 4), torch.Generator().manual_seed(0))
+        >>> out = drop_labels(dict(raw), "normal")
+        >>> bool(out["normal_mask"].any()), int(out["normal"].min()), torch.equal(out["seg"], raw["seg"])
+        (False, 255, True)
+        >>> int(drop_labels(dict(raw), "seg")["seg"].min())
+        255
+    """
+    if task not in _LABEL_TASKS:
+        raise ConfigError(f"task {task!r}: synthetic scenes label {', '.join(_LABEL_TASKS)}")
+    out = dict(sample)
+    if task == "seg":
+        out["seg"] = torch.full_like(sample["seg"], 255)
+    else:
+        normal = sample["normal"]
+        out["normal"] = torch.full_like(normal, 255 if normal.dtype == torch.uint8 else 0)
+        out["normal_mask"] = torch.zeros_like(sample["normal_mask"], dtype=torch.bool)
+    return out
+
+
 class SyntheticScenes(Dataset):
     """``num_images`` synthetic scenes (:func:`render_scene`); scene ``i`` is rendered on access
     from ``sample_generator(seed, i)``, so it is the same in every process and every run.
@@ -348,12 +401,18 @@ class SyntheticScenes(Dataset):
         normals: ``"raw"`` (uint8 NYU encoding, default) or ``"unit"`` (float32 unit vectors,
             invalid = 0).
         with_depth: also return ``"depth"``.
+        labelled: task → fraction of the images that keep the task's labels (the first
+            :func:`labelled_count` ones); the others' labels of that task are ignored
+            (:func:`drop_labels`). Default: every image keeps every label.
 
     Example:
         >>> import torch
         >>> a, b = SyntheticScenes(3, size=(16, 16), seed=1), SyntheticScenes(3, size=(16, 16), seed=1)
         >>> torch.equal(a[2]["image"], b[2]["image"]), len(a)
         (True, 3)
+        >>> few = SyntheticScenes(4, size=(16, 16), seed=1, labelled={"seg": 0.5})
+        >>> [int(few[i]["seg"].min()) == 255 for i in range(4)]
+        [False, False, True, True]
     """
 
     def __init__(
@@ -365,6 +424,7 @@ class SyntheticScenes(Dataset):
         transform=None,
         normals: str = "raw",
         with_depth: bool = False,
+        labelled: Mapping[str, float] | None = None,
     ) -> None:
         if not isinstance(num_images, int) or num_images < 0:
             raise ConfigError(f"num_images={num_images!r}: expected a non-negative int")
@@ -384,6 +444,16 @@ class SyntheticScenes(Dataset):
         self.transform = transform
         self.normals = normals
         self.with_depth = with_depth
+        for task in labelled or {}:
+            if task not in _LABEL_TASKS:
+                raise ConfigError(
+                    f"labelled has task {task!r}; synthetic scenes label {', '.join(_LABEL_TASKS)}"
+                )
+        #: task → number of images (the first ones) that keep the task's labels
+        self.labelled = {
+            task: labelled_count(float(fraction), num_images)
+            for task, fraction in (labelled or {}).items()
+        }
 
     def __len__(self) -> int:
         return self.num_images
@@ -399,6 +469,9 @@ class SyntheticScenes(Dataset):
             num_classes=self.num_classes,
             with_depth=self.with_depth,
         )
+        for task, keep in self.labelled.items():
+            if index >= keep:
+                sample = drop_labels(sample, task)
         if self.normals == "unit":
             sample["normal"], sample["normal_mask"] = decode_normals(sample["normal"])
         return self.transform(sample) if self.transform is not None else sample

@@ -21,10 +21,12 @@ float32 H×W.
 
 1. normalise the image (Caffe: RGB → BGR minus the mean; padding with 0 then means "mean colour");
 2. random scale ``s ~ U(scale)``; new size ``int(H · s) × int(W · s)`` (truncation, as
-   ``tf.to_int32``); image bilinear (``align_corners=False``), labels / normals / mask nearest
-   (PyTorch ``"nearest"`` picks ``floor(i · in / out)``, the same pixels as TF1's
-   ``resize_nearest_neighbor``). TF1's bilinear resize has no half-pixel offset; PyTorch's has:
-   sub-pixel differences only;
+   ``tf.to_int32``); image bilinear, labels / normals / mask nearest, both with the convention
+   ``resize`` (:mod:`recipes.resizing`; config ``rescale_resize``). Default ``"tf_legacy"``, the
+   official code's ``tf.image.resize_images`` (bilinear: source ``i · in / out``, no half-pixel
+   offset) and ``resize_nearest_neighbor`` (``floor(i · in / out)``), both TF1 defaults;
+   ``"align_corners_false"`` (half-pixel bilinear and ``"nearest-exact"``) and
+   ``"align_corners_true"`` are options;
 3. mirror with probability 0.5; the normal's x component is *not* negated by default (as in the
    official code); ``negate_normal_x=True`` negates it (raw encoding: ``x → 255 − x``);
 4. pad bottom/right up to the crop size: image 0, ``seg`` ``ignore_index``, ``normal`` its invalid
@@ -60,6 +62,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DatasetFormatError
+from ..resizing import check_resize_mode, resize_bilinear, resize_nearest
 
 __all__ = [
     "CAFFE_BGR_MEAN",
@@ -281,22 +284,15 @@ def _spatial_size(data: Mapping[str, torch.Tensor]) -> tuple[int, int]:
     )
 
 
-def _resize_nearest(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    batched = tensor.reshape(1, -1, *tensor.shape[-2:]).to(torch.float32)
-    resized = F.interpolate(batched, size=size, mode="nearest")
-    return resized.reshape(*tensor.shape[:-2], *size).to(tensor.dtype)
-
-
-def _resize(data: dict[str, torch.Tensor], size: tuple[int, int]) -> None:
+def _resize(data: dict[str, torch.Tensor], size: tuple[int, int], mode: str) -> None:
+    """Image bilinear, every other dense entry nearest, both with convention ``mode``."""
     for key in _DENSE_KEYS:
         if key not in data:
             continue
         if key == "image":
-            data[key] = F.interpolate(
-                data[key][None], size=size, mode="bilinear", align_corners=False
-            )[0]
+            data[key] = resize_bilinear(data[key], size, mode)
         else:
-            data[key] = _resize_nearest(data[key], size)
+            data[key] = resize_nearest(data[key], size, mode)
 
 
 def _fills(raw_normals: bool, ignore_index: int) -> dict[str, float | int | bool]:
@@ -355,7 +351,9 @@ class TrainTransform:
         mean: image normalisation, one of :data:`MEANS`.
         ignore_index: label written into padded ``seg`` pixels.
         negate_normal_x: negate the normal's x component on mirrored samples (the official code
-            does not).
+            does not; MTAN does).
+        resize: the rescale's convention, one of :data:`recipes.resizing.RESIZE_MODES` (default
+            ``"tf_legacy"``, the official code's).
         generator: default ``torch.Generator`` (a call's ``generator=`` wins; None = global RNG).
 
     Example:
@@ -376,8 +374,10 @@ class TrainTransform:
         ignore_index: int = 255,
         negate_normal_x: bool = False,
         generator: torch.Generator | None = None,
+        resize: str = "tf_legacy",
     ) -> None:
         self.crop = _pair(crop, "crop")
+        self.resize = check_resize_mode(resize, "TrainTransform: resize")
         if scale is not None:
             low, high = (float(v) for v in scale)
             if not 0 < low <= high:
@@ -394,7 +394,7 @@ class TrainTransform:
         return (
             f"TrainTransform(crop={self.crop}, scale={self.scale}, mirror={self.mirror}, "
             f"mean={self.mean!r}, ignore_index={self.ignore_index}, "
-            f"negate_normal_x={self.negate_normal_x})"
+            f"negate_normal_x={self.negate_normal_x}, resize={self.resize!r})"
         )
 
     def __call__(
@@ -411,7 +411,7 @@ class TrainTransform:
                 max(1, int(torch.tensor(float(width)) * factor)),
             )
             if new_size != (height, width):
-                _resize(data, new_size)
+                _resize(data, new_size, self.resize)
         if self.mirror and bool(torch.rand((), generator=rng) < 0.5):
             _mirror(data, raw_normals, self.negate_normal_x)
         _pad_bottom_right(data, self.crop, _fills(raw_normals, self.ignore_index))
