@@ -448,6 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--confidence", type=float, default=0.95, help="interval level")
     parser.add_argument("--digits", type=int, default=2, help="decimals in the Markdown tables")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads of every run (the config field threads; default torch's: one "
+        "per core, on a shared machine 1 is often much faster)",
+    )
     return parser
 
 
@@ -460,11 +467,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --seeds {args.seeds} must be ≥ 1", file=sys.stderr)
         return 2
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    overrides = [*args.overrides, *([f"threads={args.threads}"] if args.threads else [])]
     try:
         summary = run_compare(
             args.configs,
             seeds,
-            args.overrides,
+            overrides,
             args.out,
             args.labels,
             args.confidence,

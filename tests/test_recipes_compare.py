@@ -187,10 +187,10 @@ def test_compare_command_runs_seeds_and_writes_reports(
 ) -> None:
     override = tmp_path / "wide.json"
     override.write_text(json.dumps({"base": "synthetic_demo_single_seg", "lr": 0.05}))
-    sets = [arg for item in TINY for arg in ("--set", item)]
+    sets = [arg for item in TINY if not item.startswith("threads=") for arg in ("--set", item)]
     out = str(tmp_path / "c")
-    code = main(["synthetic_demo_single_seg", str(override), "--seeds", "2", "--out", out, *sets])
-    assert code == 0
+    argv = ["synthetic_demo_single_seg", str(override), "--seeds", "2", "--out", out, *sets]
+    assert main([*argv, "--threads", "2"]) == 0
     out = capsys.readouterr().out
     assert "| config | n | seg/mIoU ↑ | seg/pixel_acc ↑ |" in out
     assert "| wide − synthetic_demo_single_seg | 2 | " in out
@@ -200,7 +200,8 @@ def test_compare_command_runs_seeds_and_writes_reports(
     for label in ("synthetic_demo_single_seg", "wide"):
         for seed in (0, 1):
             run = tmp_path / "c" / label / f"seed{seed}"
-            assert json.loads((run / "config.json").read_text())["seed"] == seed
+            saved = json.loads((run / "config.json").read_text())
+            assert (saved["seed"], saved["threads"]) == (seed, 2)
     values = report["runs"]["wide"]
     diff = report["differences"]["wide"]["seg/mIoU"]
     by_hand = [
