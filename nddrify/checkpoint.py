@@ -22,7 +22,6 @@ import hashlib
 import os
 import pickle
 import re
-import secrets
 import zipfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -33,52 +32,19 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ModelsError, PlanError
+from .files import atomic_save, atomic_write
 from .meta import BUILD_META_KEY
 from .plans import Plan
 from .rewriting import FusedGraphModule, rewrite
 from .tasks import TaskOptions, trace
 
-__all__ = ["save", "load", "atomic_save", "read_checkpoint"]
+__all__ = ["save", "load", "atomic_save", "atomic_write", "read_checkpoint"]
 
 _FORMAT = "nddrify.fused/3"  # /3 adds "digest"; /2 (no digest) still loads
 _READABLE = (_FORMAT, "nddrify.fused/2")
 _WRITERS = {"nddrify.fused": "nddrify.save", "recipes.checkpoint": "the recipes' training runs"}
 _LEGACY_HEAD = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[:-1]  # torch.save before 1.6
 _DAMAGED = "the file was damaged (e.g. an interrupted copy): restore a backup or write it again"
-
-
-def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save(obj, path)`` through a temporary file in the same folder and ``os.replace``.
-
-    The file gets the mode ``torch.save(obj, path)`` would give it (``0o666`` less the umask),
-    not the ``0o600`` of :func:`tempfile.mkstemp`.
-
-    Example:
-        >>> import tempfile, torch
-        >>> path = tempfile.mkdtemp() + "/state.pt"
-        >>> atomic_save({"step": 3}, path)
-        >>> torch.load(path, weights_only=True)
-        {'step': 3}
-    """
-    target = Path(path)
-    if target.is_dir():
-        raise CheckpointError(
-            f"cannot save to {os.fspath(path)!r}: it is a folder; pass a file path such as "
-            f"{os.fspath(target / 'model.pt')!r}."
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)  # no symlinks
-    handle = os.open(temporary, flags, 0o666)  # less the umask, as open(path, "wb") does
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def _digest(payload: Mapping[str, Any]) -> str:

@@ -20,17 +20,16 @@ Example:
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import ExportError
+from .files import atomic_write
 from .meta import BUILD_META_KEY, fused_plan
 
 __all__ = ["Exported", "export_onnx", "export_program", "recorded_inputs", "TOLERANCE"]
@@ -109,25 +108,6 @@ def _prepare(
     return tasks, inputs, {t: v.detach().float() for t, v in outputs.items()}
 
 
-def _atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent
-    )
-    os.close(handle)
-    try:
-        write(temporary)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(temporary, 0o666 & ~mask)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return target
-
-
 def _differences(expected: Mapping[str, torch.Tensor], got: Mapping[str, Any]) -> dict[str, float]:
     return {
         task: float(
@@ -180,7 +160,7 @@ def export_onnx(
             )
     except Exception as err:
         raise ExportError(f"torch.onnx.export failed: {type(err).__name__}: {err}") from err
-    target = _atomic_write(path, program.save)
+    target = atomic_write(path, program.save)
     result = {"path": str(target), "format": "onnx", "outputs": tuple(tasks)}
     size = target.stat().st_size
     if not verify:
@@ -219,7 +199,7 @@ def export_program(
         program = torch.export.export(fused, args)
     except Exception as err:
         raise ExportError(f"torch.export.export failed: {type(err).__name__}: {err}") from err
-    target = _atomic_write(path, lambda temporary: torch.export.save(program, temporary))
+    target = atomic_write(path, lambda temporary: torch.export.save(program, temporary))
     result = {"path": str(target), "format": "pt2", "outputs": tuple(tasks)}
     size = target.stat().st_size
     if not verify:

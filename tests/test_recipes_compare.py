@@ -26,18 +26,14 @@ from recipes.configs import apply_overrides, get_config, load_config
 from recipes.data.synthetic import SyntheticScenes, drop_labels, labelled_count
 from recipes.errors import ConfigError
 
+from .recipes_settings import TINY_SCENES
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # 32×32 scenes, the demo CNN, 2 steps, no progress, in-process data loading.
 TINY = [
-    "crop=32",
-    "synthetic_size=32,32",
-    "synthetic_images=4",
-    "synthetic_test_images=2",
-    "batch_size=2",
-    "eval_batch_size=2",
+    *TINY_SCENES,
     "steps=2",
-    "num_workers=0",
     "progress=false",
     "log_every=1",
     "threads=1",

@@ -28,18 +28,14 @@ from recipes.runstate import RUNTIME_FIELDS, changed_fields
 from recipes.train import main as train_main
 from recipes.train import parse_config, train
 
+from .recipes_settings import TINY_SCENES
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 # Tiny in-process runs: 32×32 scenes, the demo CNN, dropout on (the RNG state must resume too).
 TINY = [
-    "crop=32",
-    "synthetic_size=32,32",
-    "synthetic_images=4",
-    "synthetic_test_images=2",
-    "batch_size=2",
-    "eval_batch_size=2",
-    "num_workers=0",
+    *TINY_SCENES,
     "progress=false",
     "log_every=1",
     "checkpoint_every=100000",

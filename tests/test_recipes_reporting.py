@@ -18,14 +18,10 @@ from recipes.progress import TrainingProgress, eval_line, train_line
 from recipes.train import main as train_main
 from recipes.train import train
 
+from .recipes_settings import TINY_SCENES
+
 TINY = [
-    "crop=32",
-    "synthetic_size=32,32",
-    "synthetic_images=4",
-    "synthetic_test_images=2",
-    "batch_size=2",
-    "eval_batch_size=2",
-    "num_workers=0",
+    *TINY_SCENES,
     "init_from={}",
     "threads=1",
 ]
