@@ -253,9 +253,11 @@ class Setting:
     channels_last: bool
     compile: bool
     mode: str
+    cuda_graphs: bool = False  # forward on CUDA only: each variant replayed as a captured graph
 
     def label(self) -> str:
         flags = [self.dtype] + ["channels_last"] * self.channels_last + ["compile"] * self.compile
+        flags += ["cuda_graphs"] * self.cuda_graphs
         return (
             f"{self.model} ×{self.tasks} {self.mode} b{self.batch} {self.size}² {' '.join(flags)}"
         )
@@ -362,10 +364,49 @@ def _compiled(module: nn.Module) -> nn.Module:
     return torch.compile(module)
 
 
+def _graphed_forward(
+    module: nn.Module, x: torch.Tensor, setting: Setting, device: torch.device
+) -> Callable[[], Any]:
+    """A forward step replaying a CUDA graph captured from ``module(x)`` (static input)."""
+    static = x.clone()
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=torch.bfloat16, cache_enabled=False)
+        if setting.dtype == "bf16"
+        else contextlib.nullcontext()
+    )
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), torch.no_grad(), autocast:
+        for _ in range(3):  # warm-up outside the graph, as CUDA graphs require
+            module(static)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), autocast, torch.cuda.graph(graph):
+        module(static)
+    return graph.replay
+
+
+def peak_memory(step: Callable[[], Any], device: torch.device) -> int | None:
+    """Bytes allocated at the peak of one ``step`` above what was allocated before it (CUDA
+    only; None elsewhere): activations, gradients and workspace, weights excluded."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
 def _make_step(
     module: nn.Module, x: torch.Tensor, setting: Setting, device: torch.device
 ) -> tuple[Callable[[], Any], Callable[[], Any] | None, Any]:
     """(step, untimed before-step, optimizer) for this setting's mode."""
+    if setting.cuda_graphs:
+        if setting.mode != "forward" or device.type != "cuda":
+            raise ValueError("cuda_graphs needs mode='forward' on a CUDA device")
+        return _graphed_forward(module, x, setting, device), None, None
     if setting.mode == "forward":
 
         def forward_step() -> Any:
@@ -455,9 +496,16 @@ def measure_setting(
             if compiled_key not in cache:
                 cache[compiled_key] = _compiled(module)
             runnable = cache[compiled_key]
-        step, before, optimizer = _make_step(runnable, x, setting, device)
         try:
+            step, before, optimizer = _make_step(runnable, x, setting, device)
             row["first_call_s"], _ = time_steps(step, warmup, 0, device, before)
+            if device.type == "cuda":
+                if before is not None:
+                    before()
+                row["peak_memory_bytes"] = peak_memory(step, device)
+                row["weights_bytes"] = sum(
+                    t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers())
+                )
         except Exception as error:  # a backend failure (e.g. compile) is recorded, not fatal
             row["error"] = f"{type(error).__name__}: {error}"
             log(f"  {setting.label()} | {name}: failed ({type(error).__name__}: {error})")

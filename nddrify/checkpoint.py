@@ -453,8 +453,8 @@ def load(
         example_input=_example_inputs(build),
         options=trace_options,
     )
-    try:
-        fused = rewrite(traced, plan)
+    try:  # models built from the specs here are not the caller's: no copy of their weights
+        fused = rewrite(traced, plan, copy=models is not None)
     except PlanError as err:  # the models lack the nodes the checkpoint fuses them at
         raise _differ(name, models is None, str(err).partition(";")[0]) from err
     problems = _weight_problems(fused.state_dict(), payload["state_dict"])

@@ -201,7 +201,11 @@ def inspect_command(args: argparse.Namespace, warned: list[str]) -> int:
     _set_threads(args)
     start = time.perf_counter()
     with _collect_warnings(warned, args.json):
-        traced = trace(_models(args), example_input=_example_input(args.input, len(args.specs)))
+        traced = trace(
+            _models(args),
+            example_input=_example_input(args.input, len(args.specs)),
+            spec_device="meta",  # shapes only: no weights are built
+        )
         plan = make_plan(
             traced,
             parse_points(args.points),
@@ -278,6 +282,7 @@ def fuse_command(args: argparse.Namespace, warned: list[str]) -> int:
             shortcut=args.shortcut,
             resize=args.resize,
             example_input=_example_input(args.input, len(args.specs)),
+            copy=False,  # the models are built from the specs for this fusion alone
         )
     save(fused, output)
     elapsed = time.perf_counter() - start
@@ -294,7 +299,10 @@ def fuse_command(args: argparse.Namespace, warned: list[str]) -> int:
     console.print(
         f"wrote {output} ({size / 2**20:.1f} MiB) in {elapsed:.2f} s: "
         f"nddrify.load({str(output)!r}) rebuilds it; nddrify export {output} --onnx OUT.onnx "
-        "exports it."
+        "exports it.",
+        soft_wrap=True,  # a long path stays on one line, copyable
+        markup=False,
+        highlight=False,
     )
     return 0
 

@@ -20,6 +20,7 @@ from typing import Any, overload
 
 from torch import nn
 
+from .errors import FusionConfigError
 from .kinds import UNSET, fusion_factory
 from .layers import Activation, Init, Norm, ResizeMode, Shortcut
 from .planning import Points, plan
@@ -45,6 +46,7 @@ def fuse(
     example_input: ExampleInputs = None,
     trace_options: TaskOptions = None,
     within: None = None,
+    copy: bool = True,
 ) -> FusedGraphModule: ...
 
 
@@ -63,6 +65,7 @@ def fuse(
     example_input: ExampleInputs = None,
     trace_options: TaskOptions = None,
     within: Within,
+    copy: bool = True,
 ) -> SharedTrunkModels: ...
 
 
@@ -80,6 +83,7 @@ def fuse(
     example_input: ExampleInputs = None,
     trace_options: TaskOptions = None,
     within: Within | None = None,
+    copy: bool = True,
 ) -> FusedGraphModule | SharedTrunkModels:
     """Fuse K single-task models into one multi-task GraphModule with NDDR layers.
 
@@ -87,8 +91,8 @@ def fuse(
     (:func:`nddrify.plan`), and one GraphModule is emitted (:func:`nddrify.rewrite`) that takes
     one image batch and returns every task's output: a tuple in task order, or a dict when
     ``models`` is a dict. The fused model owns copies of the models' weights
-    (``fused.<task>.<original key>``); :func:`nddrify.training.task_state_dict` gives them back under the
-    original key names.
+    (``fused.<task>.<original key>``), or with ``copy=False`` the models' own tensors;
+    :func:`nddrify.training.task_state_dict` gives them back under the original key names.
 
     Args:
         models: two or more ``nn.Module`` (a list, or a dict task name → model); a model may be
@@ -119,6 +123,11 @@ def fuse(
             tasks, one per task, or a dict task → name. All the options above then apply to the
             submodules (point names relative to them), and K task models sharing the fused
             trunk come back (see :mod:`nddrify.submodules` for how the tasks must feed it).
+        copy: ``True`` (default) copies the weights and leaves the models untouched;
+            ``False`` moves the models' own parameter and buffer tensors into the fused model
+            (no copy: for models too large to hold twice) and **consumes** the models: their
+            tensors become empty meta tensors and calling them raises
+            :class:`~nddrify.errors.ModelsError` (see :mod:`nddrify.rewriting.ownership`).
 
     Returns:
         A :class:`~nddrify.rewriting.FusedGraphModule`; ``fused.meta["nddrify_plan"]`` holds its
@@ -136,6 +145,11 @@ def fuse(
         True
     """
     if within is not None:
+        if not copy:
+            raise FusionConfigError(
+                "copy=False is not available with within=: the task models returned keep the "
+                "rest of each model, so they are copies; fuse with copy=True."
+            )
         return fuse_within(
             models,
             within,
@@ -155,4 +169,4 @@ def fuse(
     )
     traced = trace(models, example_input=example_input, options=trace_options)
     fusion_plan = plan(traced, points, fusion=kind, shortcut=shortcut)
-    return rewrite(traced, fusion_plan, fusion=kind, shortcut=shortcut)
+    return rewrite(traced, fusion_plan, fusion=kind, shortcut=shortcut, copy=copy)

@@ -20,8 +20,10 @@ Node meta (on traced and fused graphs):
   the items taken from it, guards): a :class:`JunctionRef` saying which junction.
 
 Module meta (``fused.meta``): :data:`PLAN_META_KEY` (the :class:`~nddrify.Plan`),
-:data:`BUILD_META_KEY` (what ``nddrify.save`` stores to rebuild the model) and, on a batched
-model, :data:`BATCHED_META_KEY` (its :class:`~nddrify.batching.BatchingReport`).
+:data:`BUILD_META_KEY` (what ``nddrify.save`` stores to rebuild the model), on a batched
+model :data:`BATCHED_META_KEY` (its :class:`~nddrify.batching.BatchingReport`), and on the
+inference form :data:`INFERENCE_META_KEY` (its :class:`~nddrify.inference.InferenceForm`; such a
+model refuses ``.train()``).
 
 Example:
     >>> import torch, torchvision, nddrify
@@ -57,6 +59,7 @@ __all__ = [
     "JUNCTION_META_KEY",
     "PLAN_META_KEY",
     "BUILD_META_KEY",
+    "INFERENCE_META_KEY",
     "BATCHED_META_KEY",
     "ModuleCall",
     "JunctionRef",
@@ -74,6 +77,7 @@ SEGMENT_META_KEY = "nddrify_segment"
 JUNCTION_META_KEY = "nddrify_junction"
 PLAN_META_KEY = "nddrify_plan"
 BUILD_META_KEY = "nddrify_build"
+INFERENCE_META_KEY = "nddrify_inference"  # nddrify.inference.InferenceForm: inference only
 BATCHED_META_KEY = "nddrify_batching"
 
 

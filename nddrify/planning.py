@@ -328,7 +328,9 @@ def plan(
 
     Args:
         models: a :class:`~nddrify.tasks.TracedSet` from :func:`nddrify.trace`, or the models
-            themselves (traced first, with ``example_input`` and ``trace_options``).
+            themselves (traced first, with ``example_input`` and ``trace_options``; spec
+            strings are built on the meta device, without weights). Models built on the meta
+            device (``with torch.device("meta"): model = ...``) plan like real ones.
         points: ``"auto"`` (stage ends found from the graph), ``"declared"`` (the stage modules
             a timm model declares in ``feature_info``), an int N (the last N auto levels), a
             list of module or node names shared by every task, a list of per-task lists, or a
@@ -353,7 +355,8 @@ def plan(
         >>> [lv.points[1].name for lv in p.levels]
         ['layer3', 'layer4']
     """
-    traced = trace(models, example_input=example_input, options=trace_options)
+    # a plan needs shapes only: models given as specs are built on the meta device
+    traced = trace(models, example_input=example_input, options=trace_options, spec_device="meta")
     kind = fusion if isinstance(fusion, FusionKind) else fusion_factory(fusion)
     shortcut_options = as_shortcut(shortcut)
     resize = resize or getattr(kind, "resize", None) is not None

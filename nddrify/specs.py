@@ -31,9 +31,11 @@ import os
 import re
 import sys
 import typing
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import SpecError
@@ -296,8 +298,15 @@ def _callable_model(spec: str, module_name: str, attr: str, kwargs: dict[str, An
     return model
 
 
-def load_spec(spec: str) -> nn.Module:
+def load_spec(spec: str, *, device: str | torch.device | None = None) -> nn.Module:
     """Build the model a spec names (see the module docstring).
+
+    Args:
+        spec: the spec string.
+        device: build the model under ``torch.device(device)``; ``"meta"`` builds it without
+            weights (no memory, no initialisation time), which is all planning and
+            ``nddrify inspect`` need. A callable spec that cannot be built on the meta device
+            is built normally, with a ``UserWarning``.
 
     Raises:
         SpecError: the spec is malformed, names an unknown model or a keyword argument the model
@@ -307,8 +316,29 @@ def load_spec(spec: str) -> nn.Module:
         >>> from nddrify.specs import load_spec
         >>> type(load_spec("torchvision:resnet18")).__name__
         'ResNet'
+        >>> load_spec("timm:vit_large_patch16_224", device="meta").cls_token.device
+        device(type='meta')
     """
     source, name, kwargs = _parse_call(spec)
+    if device is None:
+        return _build(spec, source, name, kwargs)
+    try:
+        with torch.device(device):
+            return _build(spec, source, name, kwargs)
+    except SpecError:
+        raise
+    except Exception as err:  # a user's builder that computes on its weights, say
+        if str(device) != "meta":
+            raise
+        warnings.warn(
+            f"nddrify: model spec {spec!r} could not be built on the meta device "
+            f"({type(err).__name__}: {err}); building it with its weights instead.",
+            stacklevel=2,
+        )
+        return _build(spec, source, name, kwargs)
+
+
+def _build(spec: str, source: str, name: str, kwargs: dict[str, Any]) -> nn.Module:
     if source == "torchvision":
         return _torchvision_model(spec, name, kwargs)
     if source == "timm":

@@ -63,9 +63,10 @@ class TaskModels:
     as_dict: bool
 
 
-def resolve_models(models: Any) -> TaskModels:
+def resolve_models(models: Any, *, spec_device: str | torch.device | None = None) -> TaskModels:
     """Validate ``models`` (a list or dict of ``nn.Module`` or spec strings such as
-    ``"torchvision:vgg16"``) and name the tasks (``task0, task1, …`` for a list).
+    ``"torchvision:vgg16"``, built on ``spec_device``) and name the tasks (``task0, task1, …``
+    for a list).
 
     Raises:
         ModelsError: fewer than two models, something that is not a model, a task name that
@@ -92,7 +93,7 @@ def resolve_models(models: Any) -> TaskModels:
             f"NDDR fuses at least two tasks, got {len(given)} model(s); pass two or more models."
         )
     specs = [m if is_spec(m) else None for m in given]
-    modules = [load_spec(m) if is_spec(m) else m for m in given]
+    modules = [load_spec(m, device=spec_device) if is_spec(m) else m for m in given]
     for name, module in zip(names, modules):
         if not isinstance(module, nn.Module):
             raise ModelsError(
@@ -291,6 +292,7 @@ def trace(
     *,
     example_input: ExampleInputs = None,
     options: TaskOptions = None,
+    spec_device: str | torch.device | None = None,
 ) -> TracedSet:
     """Resolve ``models`` and trace every task in train and eval mode, propagating shapes.
 
@@ -306,6 +308,10 @@ def trace(
             detector backbone at 128×128 and a classifier at 96×96. When the tasks' inputs
             differ in shape, the fused model takes one input per task.
         options: :class:`TraceOptions` for every task, or one per task (list or dict).
+        spec_device: where models given as spec strings are built (default: as torch builds
+            them, on the CPU); ``"meta"`` builds them without weights, which is all
+            :func:`nddrify.plan` needs (a model built on the meta device fuses into a meta
+            fused model: see :func:`nddrify.fuse` on loading weights into it).
 
     Raises:
         ModelsError, InputError, TraceError: see :mod:`nddrify.errors`.
@@ -320,7 +326,7 @@ def trace(
     """
     if isinstance(models, TracedSet):
         return models
-    resolved = resolve_models(models)
+    resolved = resolve_models(models, spec_device=spec_device)
     per_task = per_task_options(options, resolved.names)
     shared = example_input is None or isinstance(example_input, torch.Tensor)
     inputs = per_task_inputs(example_input, resolved.names, resolved.modules)

@@ -38,10 +38,11 @@ __all__ = [
 
 
 def make_console(enabled: bool) -> Any:
-    """A rich console on standard error (silent unless ``enabled``)."""
+    """A rich console on standard error (silent unless ``enabled``); long lines are not
+    wrapped, so paths and commands stay copyable."""
     from rich.console import Console
 
-    return Console(quiet=not enabled, stderr=True)
+    return Console(quiet=not enabled, stderr=True, soft_wrap=True)
 
 
 def format_duration(seconds: float) -> str:

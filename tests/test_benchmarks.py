@@ -17,6 +17,7 @@ from types import ModuleType
 
 import pytest
 import torch
+import torchvision
 
 import nddrify
 
@@ -213,3 +214,65 @@ def test_paper_step_time_estimates_and_flop_counts() -> None:
         for n in ("single_seg", "single_normal", "nddr")
     }
     assert flops["nddr"] > flops["single_seg"] + flops["single_normal"] > 0
+
+
+def test_cheap_fusion_ci(tmp_path: Path) -> None:
+    cheap = _load("cheap_fusion")
+    assert cheap.main(["--preset", "ci", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "cheap_fusion.json").read_text())
+    groups = {g["name"]: {r["variant"]: r for r in g["rows"]} for g in payload["groups"]}
+    assert list(groups) == [
+        "eager, NCHW: the issue's setting",
+        "eager, NCHW: before (plain ops) and after, same weights",
+        "eager, NCHW: inference form",
+        "eager, channels-last",
+    ]
+    issue, before_after, inference, _ = groups.values()
+    assert set(issue) == {"sequential", "nddr", "nddr rank 64", "nddr groups 8"}
+    # the same weights through both arithmetics: the same FLOPs, hence the same ceiling
+    assert before_after["nddr"]["flops_batch1"] == before_after["nddr (plain ops)"]["flops_batch1"]
+    plain = before_after["nddr rank 64 (plain ops)"]
+    assert before_after["nddr rank 64"]["ceiling"] == plain["ceiling"] < 1
+    assert set(inference) == {
+        "sequential, conv-BN folded",
+        "nddr inference",
+        "nddr rank 64 inference",
+    }
+    assert inference["nddr inference"]["baseline"] == "sequential, conv-BN folded"
+    layers = payload["groups"][1]["fusion_layer_ms"]
+    assert set(layers["nddr rank 64"]) == {f"nddr{i}" for i in range(1, 6)}
+    assert "| nddr rank 64 | sequential |" in (tmp_path / "cheap_fusion.md").read_text()
+    assert "Fusion layers alone" in (tmp_path / "cheap_fusion.md").read_text()
+
+
+def test_fuse_memory_ci(tmp_path: Path) -> None:
+    memory = _load("fuse_memory")
+    assert memory.main(["--preset", "ci", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "fuse_memory.json").read_text())
+    copied, taken = payload["fuse"]
+    assert (copied["copy"], taken["copy"]) == (True, False)
+    resnet18 = torchvision.models.resnet18()
+    weights = sum(
+        t.numel() * t.element_size() for t in (*resnet18.parameters(), *resnet18.buffers())
+    )
+    assert copied["weights_bytes"] == taken["weights_bytes"] == 2 * weights
+    assert [r["variant"] for r in payload["inspect"]] == [
+        "nddrify inspect (meta device)",
+        "plan of models built with weights",
+    ]
+    assert "## `nddrify.fuse(models, copy=...)`" in (tmp_path / "fuse_memory.md").read_text()
+
+
+def test_gpu_suite_runs_its_cpu_preset(tmp_path: Path) -> None:
+    suite = _load("gpu_suite")
+    assert suite.main(["--preset", "cpu-tiny", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "gpu_suite_cpu.json").read_text())
+    variants = {(r["mode"], r["batch"], r["variant"]) for r in payload["rows"] if "latency" in r}
+    for mode in ("forward", "train"):
+        for batch in (2, 4):
+            assert {
+                (mode, batch, v)
+                for v in ("sequential", "fused nddr", "fused nddr rank 64", "batched nddr")
+            } <= variants
+    assert payload["skipped"] == []
+    assert "# GPU suite: fused vs sequential on" in (tmp_path / "gpu_suite_cpu.md").read_text()

@@ -3,8 +3,13 @@
 * :mod:`~nddrify.layers.base` — :class:`FusionLayer` (base class of every inserted layer), the
   one diagonal init (:func:`block_diagonal`) and its validator (:func:`check_init`), norms,
   activations, :func:`resize_bilinear` and the layout helpers;
-* :mod:`~nddrify.layers.nddr` — :class:`NDDRLayer` (Gao et al., CVPR 2019), its cheaper
-  :class:`NDDRLowRankLayer` and :class:`NDDRGroupedLayer`, and :class:`NDDRShortcutLayer`;
+* :mod:`~nddrify.layers.nddr` — :class:`NDDRLayer` (Gao et al., CVPR 2019) and
+  :class:`NDDRShortcutLayer`, on :class:`PerTaskOutputs` (per-task norms, activations,
+  layouts and norm folding);
+* :mod:`~nddrify.layers.cheap` — its cheaper :class:`NDDRLowRankLayer` and
+  :class:`NDDRGroupedLayer`;
+* :mod:`~nddrify.layers.kernels` — their arithmetic: 1×1 convolutions as GEMMs accumulating
+  over the tasks, in-place channel mixing, an eval BatchNorm folded into the weights;
 * :mod:`~nddrify.layers.factories` — the :class:`NDDR` fusion kind and the :class:`Shortcut`
   (see :mod:`nddrify.protocol`).
 
@@ -23,9 +28,10 @@ Example:
 
 from __future__ import annotations
 
-from . import base, factories, nddr
+from . import base, cheap, factories, nddr
 from .base import *  # noqa: F403
+from .cheap import *  # noqa: F403
 from .factories import *  # noqa: F403
 from .nddr import *  # noqa: F403
 
-__all__ = [*base.__all__, *nddr.__all__, *factories.__all__]
+__all__ = [*base.__all__, *nddr.__all__, *cheap.__all__, *factories.__all__]

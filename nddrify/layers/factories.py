@@ -39,7 +39,8 @@ from .base import (
     check_resize_mode,
     norm_params,
 )
-from .nddr import NDDRGroupedLayer, NDDRLayer, NDDRLowRankLayer, NDDRShortcutLayer
+from .cheap import NDDRGroupedLayer, NDDRLowRankLayer
+from .nddr import NDDRLayer, NDDRShortcutLayer
 
 if TYPE_CHECKING:
     from ..plans import FusionLevel

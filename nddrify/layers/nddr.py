@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
 import torch
@@ -46,11 +45,16 @@ from .base import (
     resize_bilinear,
     to_nchw,
 )
+from .kernels import (
+    activate,
+    eval_affine,
+    fold_affine,
+)
 
-__all__ = ["NDDRLayer", "NDDRLowRankLayer", "NDDRGroupedLayer", "NDDRShortcutLayer"]
+__all__ = ["NDDRLayer", "NDDRShortcutLayer", "PerTaskOutputs"]
 
 
-class _PerTaskOutputs(FusionLayer):
+class PerTaskOutputs(FusionLayer):
     """Shared tail of the NDDR-style layers: per task a norm and an activation, and the layout
     of each task's maps (channels-last maps are fused as N×C×H×W and returned as they came)."""
 
@@ -74,10 +78,73 @@ class _PerTaskOutputs(FusionLayer):
         """Per task, whether its maps are N×H×W×C."""
         return tuple(layout.name == "NHWC" for layout in self.layouts)
 
+    def _folded_norms(
+        self, features: Sequence[torch.Tensor]
+    ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per task, the eval-mode BatchNorm as ``(scale, shift)`` to fold into the mixing
+        weights at this call, or None where it cannot be folded or folding costs more than it
+        saves: scaling the weights touches every weight (fresh memory each call), applying
+        the norm touches every output value, so it is folded only when the maps have at least
+        as many pixels (N·H·W) as each output channel has weights
+        (:func:`nddrify.inference.optimize_for_inference` folds once and for all)."""
+        first = features[0]
+        pixels = first.numel() // max(first.shape[1], 1)
+        if pixels < self._weights_per_channel():
+            return [None] * len(self.norms)
+        return [eval_affine(norm) for norm in self.norms]
+
+    def _weights_per_channel(self) -> int:
+        """The mixing weights of one output channel (what folding a norm scales)."""
+        return sum(self.in_channels)
+
+    def fold_norms(self) -> int:
+        """Fold every eval-mode BatchNorm into the mixing weights (the 1×1 weights scaled, a
+        bias added) and replace it by ``nn.Identity``: the layer's inference form, equal to
+        the eval-mode layer up to float rounding. Returns how many norms were folded.
+
+        Example:
+            >>> import torch
+            >>> from nddrify.layers import NDDRLayer
+            >>> layer = NDDRLayer([4, 4]).eval()
+            >>> x = (torch.randn(1, 4, 3, 3), torch.randn(1, 4, 3, 3))
+            >>> before = layer(*x)
+            >>> layer.fold_norms(), type(layer.norms[0]).__name__
+            (2, 'Identity')
+            >>> all(torch.allclose(a, b, atol=1e-6) for a, b in zip(layer(*x), before))
+            True
+        """
+        count = 0
+        with torch.no_grad():
+            for task, affine in enumerate(eval_affine(norm) for norm in self.norms):
+                if affine is not None:
+                    self._fold_task(task, affine[0].detach(), affine[1].detach())
+                    self.norms[task] = nn.Identity()
+                    count += 1
+        return count
+
+    def _fold_task(self, task: int, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _fold_into(conv: nn.Conv2d, rows: slice, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """Scale ``conv``'s output rows ``rows`` and set their bias (created at zero)."""
+        conv.weight[rows] *= scale.view(-1, 1, 1, 1)
+        if conv.bias is None:
+            conv.bias = nn.Parameter(conv.weight.new_zeros(conv.weight.shape[0]))
+        conv.bias[rows] = conv.bias[rows] * scale + shift
+
     def _finish(
-        self, mixed: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]
+        self,
+        mixed: Sequence[torch.Tensor],
+        folded: Sequence[object | None] = (),
+        *,
+        inputs: Sequence[torch.Tensor],
     ) -> tuple[torch.Tensor, ...]:
-        outputs = [act(norm(x)) for x, norm, act in zip(mixed, self.norms, self.activations)]
+        folded = list(folded) or [None] * len(mixed)
+        outputs = [
+            activate(act, x if done is not None else norm(x))
+            for x, norm, act, done in zip(mixed, self.norms, self.activations, folded)
+        ]
         return from_nchw(outputs, self.layouts, inputs, self.on_grid)
 
     def extra_repr(self) -> str:
@@ -86,7 +153,7 @@ class _PerTaskOutputs(FusionLayer):
         return f"in_channels={self.in_channels}{layouts}"
 
 
-class NDDRLayer(_PerTaskOutputs):
+class NDDRLayer(PerTaskOutputs):
     """NDDR fusion of K feature maps into K feature maps (one 1×1 conv, norm, activation per task).
 
     Args:
@@ -159,154 +226,28 @@ class NDDRLayer(_PerTaskOutputs):
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         features = to_nchw(inputs, self.layouts, self.on_grid)
+        folded = self._folded_norms(features)
         if self.resize is None:
+            # One convolution of the concatenation per task, an eval BatchNorm folded into its
+            # weights and bias (per-input GEMMs are no faster here: the GEMM dominates). Each
+            # output is its own tensor (not a view of a shared one), so downstream in-place
+            # ops and memory-format choices behave as in the model.
             stacked = torch.cat(features, dim=1)
-            # One convolution per task: each output is its own tensor (not a view of a shared
-            # one), so downstream in-place ops and memory-format choices behave as in the model.
-            mixed = [conv(stacked) for conv in self.convs]
+            mixed = []
+            for conv, affine in zip(self.convs, folded):
+                weight, bias = fold_affine(conv.weight, conv.bias, affine)
+                mixed.append(F.conv2d(stacked, weight, bias))
+            return self._finish(mixed, folded, inputs=inputs)
         else:
             mixed = []
             for conv, own in zip(self.convs, features):
                 size = own.shape[-2:]
                 stacked = torch.cat([resize_bilinear(f, size, self.resize) for f in features], 1)
                 mixed.append(conv(stacked))
-        return self._finish(mixed, inputs)
+        return self._finish(mixed, inputs=inputs)
 
-
-class NDDRLowRankLayer(_PerTaskOutputs):
-    """Cheaper NDDR: a learned diagonal mixing (own block α·I, other blocks β·I, one weight per
-    channel) plus a low-rank correction ΣC → r → C_i whose up-projection starts at zero, so the
-    diagonal init semantics hold exactly (α=1, β=0 is the identity). Parameters: K·ΣC diagonal
-    weights + r·ΣC + r·ΣC_i, instead of ΣC·ΣC_i.
-
-    Example:
-        >>> import torch
-        >>> from nddrify.layers import NDDRLowRankLayer
-        >>> layer = NDDRLowRankLayer([2, 3], rank=4, init=(0.9, 0.1), norm=None)
-        >>> layer.diagonal[1]  # task 1's scale of each task's channels (rows: tasks)
-        Parameter containing:
-        tensor([[0.1000, 0.1000, 0.0000],
-                [0.9000, 0.9000, 0.9000]], requires_grad=True)
-    """
-
-    def __init__(
-        self,
-        in_channels: Sequence[int],
-        rank: int,
-        *,
-        init: Init = None,
-        norm: Norm = "batchnorm",
-        activation: Activation = "auto",
-        nonnegative: Sequence[bool] | None = None,
-        layouts: Sequence[FeatureLayout | str | bool] | None = None,
-    ) -> None:
-        super().__init__()
-        self.in_channels = tuple(int(c) for c in in_channels)
-        num_tasks = len(self.in_channels)
-        if num_tasks < 2 or rank < 1:
-            raise FusionConfigError(f"low-rank NDDR needs ≥ 2 tasks and rank ≥ 1, got {rank}.")
-        alpha, beta = check_init(init, num_tasks, xavier=False, kind="low-rank NDDR")  # type: ignore[misc]
-        matrix = block_diagonal(self.in_channels, self.in_channels, alpha, beta)
-        self.diagonal = nn.ParameterList()
-        for c_i, rows in zip(self.in_channels, matrix.split(self.in_channels)):
-            # row j: the diagonal of block (i, j), zero-padded to C_i
-            scales = [block.diagonal() for block in rows.split(self.in_channels, dim=1)]
-            weight = torch.stack([F.pad(s, (0, c_i - s.numel())) for s in scales])
-            self.diagonal.append(nn.Parameter(weight))
-        self.down = nn.Conv2d(sum(self.in_channels), rank, 1, bias=False)
-        self.ups = nn.ModuleList(nn.Conv2d(rank, c, 1, bias=False) for c in self.in_channels)
-        for up in self.ups:
-            nn.init.zeros_(up.weight)
-        self._set_outputs(self.in_channels, norm, activation, nonnegative, layouts)
-
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        features = to_nchw(inputs, self.layouts, self.on_grid)
-        low = self.down(torch.cat(features, dim=1))
-        outputs = []
-        for i, (c_i, up) in enumerate(zip(self.in_channels, self.ups)):
-            mixed = up(low)
-            for j, x_j in enumerate(features):
-                m = min(c_i, x_j.shape[1])
-                term = self.diagonal[i][j, :m, None, None] * x_j[:, :m]
-                mixed = mixed + (F.pad(term, (0, 0, 0, 0, 0, c_i - m)) if m < c_i else term)
-            outputs.append(mixed)
-        return self._finish(outputs, inputs)
-
-
-class NDDRGroupedLayer(_PerTaskOutputs):
-    """Cheaper NDDR: a grouped 1×1 convolution over the concatenation, where group g holds the
-    g-th slice of every task's channels, so every group still mixes all tasks. Diagonal init
-    within each group; parameters ΣC·ΣC/groups instead of ΣC·ΣC.
-
-    Example:
-        >>> from nddrify.layers import NDDRGroupedLayer
-        >>> layer = NDDRGroupedLayer([4, 4], groups=2, init=(0.9, 0.1), norm=None)
-        >>> layer.conv.weight[:4, :, 0, 0].detach()  # group 0: two channels of each task
-        tensor([[0.9000, 0.0000, 0.1000, 0.0000],
-                [0.0000, 0.9000, 0.0000, 0.1000],
-                [0.1000, 0.0000, 0.9000, 0.0000],
-                [0.0000, 0.1000, 0.0000, 0.9000]])
-    """
-
-    def __init__(
-        self,
-        in_channels: Sequence[int],
-        groups: int,
-        *,
-        init: Init = None,
-        norm: Norm = "batchnorm",
-        activation: Activation = "auto",
-        nonnegative: Sequence[bool] | None = None,
-        layouts: Sequence[FeatureLayout | str | bool] | None = None,
-    ) -> None:
-        super().__init__()
-        self.in_channels = tuple(int(c) for c in in_channels)
-        if groups < 1 or any(c % groups for c in self.in_channels):
-            raise FusionConfigError(
-                f"grouped NDDR needs every width {list(self.in_channels)} divisible by "
-                f"groups={groups}."
-            )
-        total = sum(self.in_channels)
-        # order[k] = index in the task-major concatenation of channel k in group-major order
-        order = []
-        for g in range(groups):
-            start = 0
-            for c in self.in_channels:
-                size = c // groups
-                order.extend(range(start + g * size, start + (g + 1) * size))
-                start += c
-        order_t = torch.tensor(order)
-        self.register_buffer("group_order", order_t, persistent=False)
-        self.register_buffer("task_order", torch.argsort(order_t), persistent=False)
-        self.conv = nn.Conv2d(total, total, 1, groups=groups, bias=False)
-        self.groups = groups
-        self._set_outputs(self.in_channels, norm, activation, nonnegative, layouts)
-        self.reset_parameters(init)
-
-    def reset_parameters(self, init: Init = None) -> None:
-        """Re-initialise the grouped 1×1 weights (diagonal within each group, or Xavier)."""
-        checked = check_init(init, len(self.in_channels), kind="grouped NDDR")
-        if checked == "xavier":
-            nn.init.xavier_uniform_(self.conv.weight)
-            return
-        per_group = [c // self.groups for c in self.in_channels]
-        weight = self.conv.weight
-        matrix = block_diagonal(
-            per_group, per_group, *checked, dtype=weight.dtype, device=weight.device
-        )
-        with torch.no_grad():  # every group: the same diagonal init over its slices
-            weight.copy_(matrix.repeat(self.groups, 1)[:, :, None, None])
-
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        features = to_nchw(inputs, self.layouts, self.on_grid)
-        stacked = torch.cat(features, dim=1).index_select(1, self.group_order)
-        grouped = self.conv(stacked)
-        bounds = torch.tensor((0, *self.in_channels)).cumsum(0).tolist()
-        mixed = [  # index_select gives each task its own tensor (not a view)
-            grouped.index_select(1, self.task_order[start:end])
-            for start, end in itertools.pairwise(bounds)
-        ]
-        return self._finish(mixed, inputs)
+    def _fold_task(self, task: int, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        self._fold_into(self.convs[task], slice(None), scale, shift)
 
 
 class NDDRShortcutLayer(FusionLayer):

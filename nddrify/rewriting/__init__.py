@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from torch import nn
@@ -37,6 +36,7 @@ from ..tracing import parameter_placement
 from .emit import GraphWriter, identifier
 from .ir import RewriteIR, fused_ir
 from .module import FusedGraphModule, portable_graph, rebuild
+from .ownership import check_distinct, consume, owned_copy, take_weights
 
 __all__ = [
     "rewrite",
@@ -84,10 +84,13 @@ def rewrite(
     *,
     fusion: FusionKind | None = None,
     shortcut: bool | Shortcut | None = None,
+    copy: bool = True,
 ) -> FusedGraphModule:
     """Build the fused model for ``plan`` from the traced models.
 
-    The fused model owns copies of the models' weights (``fused.<task>.<original key>``), one
+    The fused model owns copies of the models' weights (``fused.<task>.<original key>``), or,
+    with ``copy=False``, the models' own tensors (the models are then consumed: see
+    :mod:`nddrify.rewriting.ownership`), one
     fusion layer per level (``fused.nddr1`` …) and, with a shortcut (or sluice's layer-stitch),
     ``fused.shortcut``. It returns a tuple of outputs in task order, or a dict when the models
     were given as a dict. It takes one input ``x`` shared by every task, or one input per task
@@ -100,9 +103,14 @@ def rewrite(
         fusion: the fusion kind, needed when the plan's is your own (``plan.fusion`` is None);
             otherwise the plan's built-in kind is rebuilt from its options.
         shortcut: override the plan's shortcut (needed when it has a callable option).
+        copy: ``True`` (default): the fused model owns deep copies of the weights and the
+            models are untouched. ``False``: it takes the models' parameter and buffer tensors
+            without copying them (peak memory: the fusion layers only); the models are left
+            empty (meta tensors) and calling them raises :class:`~nddrify.errors.ModelsError`.
 
     Raises:
         PlanError: the plan does not fit the traced models, or names a kind it cannot hold.
+        ModelsError: ``copy=False`` and two tasks hold the same tensor.
     """
     if fusion is None:
         if plan.fusion is None:
@@ -119,11 +127,13 @@ def rewrite(
     found = next(filter(None, map(parameter_placement, traced.modules)), None)
     where = dict(zip(("device", "dtype"), found)) if found is not None else {}
     mode = traced.modules[0].training
+    if not copy:
+        check_distinct(traced.tasks, traced.modules)
 
     root = nn.Module()
     for task, module in zip(traced.tasks, traced.modules):
-        # The fused model owns copies of the weights; submodule train/eval flags come along.
-        root.add_module(task, copy.deepcopy(module))
+        # submodule train/eval flags come along with the weights
+        root.add_module(task, owned_copy(module) if copy else take_weights(module))
     for level in plan.levels:
         root.add_module(f"nddr{level.index + 1}", kind.build(level).to(**where).train(mode))
     hook = spanning(kind, shortcut_options)
@@ -136,6 +146,9 @@ def rewrite(
 
     needs_train = any(t.train_graph_module is not None for t in traced)
     graphs, flats = emit_graphs(build_ir, needs_train=needs_train)
+    if not copy:
+        for task, module in zip(traced.tasks, traced.modules):
+            consume(module, task)
     return rebuild(
         dict(root.named_children()),
         *graphs,

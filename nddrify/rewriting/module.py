@@ -17,6 +17,9 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from ..errors import FusionConfigError
+from ..meta import INFERENCE_META_KEY
+
 __all__ = ["FusedGraphModule", "rebuild", "portable_graph"]
 
 
@@ -53,6 +56,12 @@ class FusedGraphModule(fx.GraphModule):
         self.flat_graphs = tuple(flat_graphs)
 
     def train(self, mode: bool = True) -> FusedGraphModule:
+        if mode and INFERENCE_META_KEY in getattr(self, "meta", {}):
+            raise FusionConfigError(
+                "this fused model is the inference form from "
+                "nddrify.inference.optimize_for_inference (its BatchNorms are folded away), so "
+                "it cannot be trained; train the model you optimized, then optimize it again."
+            )
         super().train(mode)
         self._select_graph(mode)
         return self
