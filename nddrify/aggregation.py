@@ -111,7 +111,8 @@ def _example_input(model: nn.Module, given: Any) -> Any:
 def shared_parameters(model: nn.Module, example_input: Any = None) -> SharedParameters:
     """Which parameters of a fused (``nddrify.fuse``) or hard-sharing (``nddrify.share``)
     model are shared by two or more tasks: autograd on one training-mode forward of a small
-    input (batch 2; the running statistics of norms are restored afterwards).
+    input (batch 2; the running statistics of norms and the random number generators are
+    restored afterwards).
 
     Args:
         model: the multi-task model nddrify built.
@@ -126,9 +127,11 @@ def shared_parameters(model: nn.Module, example_input: Any = None) -> SharedPara
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     was_training = model.training
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    devices = sorted({p.device.index or 0 for _, p in named if p.device.type == "cuda"})
     try:
         model.train()
-        with torch.enable_grad():
+        # the random streams (dropout) continue as if this forward had not run
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
             output = model(*x) if isinstance(x, (list, tuple)) else model(x)
             users: dict[str, list[str]] = {name: [] for name, _ in named}
             for task, value in _outputs_by_task(output, tasks).items():

@@ -90,9 +90,14 @@ class LossWeighting(nn.Module):
     def weights(self, losses: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, losses: Losses) -> torch.Tensor:
+    def forward(self, losses: Losses, observed: Losses | None = None) -> torch.Tensor:
+        """The weighted total ``Σ_i w_i·L_i``. ``observed``: the losses the weights and the
+        method's state follow, when they differ from the ones differentiated (under
+        data-parallel training: the global means, the same in every process, while ``losses``
+        are the process's own share); default ``losses``."""
         vector = self.stack(losses)
-        weights = self.weights(vector.detach())
+        reference = (self.stack(observed) if observed is not None else vector).detach()
+        weights = self.weights(reference)
         self.last_weights = weights.detach().to(self.last_weights.dtype)
         return (weights.to(vector.dtype) * vector).sum()
 
@@ -161,7 +166,7 @@ class UncertaintyWeighting(LossWeighting):
         super().__init__(tasks)
         self.log_variance = nn.Parameter(torch.zeros(len(self.tasks)))
 
-    def forward(self, losses: Losses) -> torch.Tensor:
+    def forward(self, losses: Losses, observed: Losses | None = None) -> torch.Tensor:
         vector = self.stack(losses)
         weights = 0.5 * torch.exp(-self.log_variance)
         self.last_weights = weights.detach().clone()
@@ -267,7 +272,12 @@ class GradNorm(LossWeighting):
             raise FusionConfigError("GradNorm needs shared parameters that require gradients.")
         return params
 
-    def forward(self, losses: Losses) -> torch.Tensor:
+    def forward(self, losses: Losses, observed: Losses | None = None) -> torch.Tensor:
+        if observed is not None:
+            raise FusionConfigError(
+                "GradNorm balances the gradient norms of this process's own losses; it does not "
+                "support data-parallel training (observed=): train on one process."
+            )
         vector = self.stack(losses)
         detached = vector.detach()
         if not bool(self.started):
@@ -295,8 +305,9 @@ class GradNorm(LossWeighting):
 
 
 class FAMO(LossWeighting):
-    """FAMO (Liu et al.): weights z = softmax(ξ) over the log-losses; the total is
-    Σ_i z_i·log L_i / c with c = Σ_i z_i / L_i (so the step mixes the gradients ∇L_i / L_i).
+    """FAMO (Liu et al.): with z = softmax(ξ), the step follows the gradient of
+    Σ_i z_i·log L_i / c, c = Σ_i z_i / L_i, i.e. the weights w_i = z_i / (c·L_i) on the losses
+    (the total returned is Σ_i w_i·L_i = 1/c·Σ_i z_i, whose gradient is the same).
     After the model's step, :meth:`after_step` with the new losses moves ξ to favour the tasks
     whose log-loss decreased least: the gradient of ξ is J_softmax(ξ)ᵀ·(log L_before − log
     L_after), applied with Adam (lr ``lr``, weight decay ``gamma``) whose moments are buffers.
@@ -317,14 +328,11 @@ class FAMO(LossWeighting):
         self.register_buffer("adam_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("previous_losses", torch.zeros(k))
 
-    def forward(self, losses: Losses) -> torch.Tensor:
-        vector = self.stack(losses)
-        z = F.softmax(self.logits, dim=0).to(vector)
-        positive = vector.clamp_min(self.eps)
-        c = (z / positive.detach()).sum()
-        self.previous_losses.copy_(positive.detach())
-        self.last_weights = (z / (c * positive.detach())).detach()
-        return (z * torch.log(positive)).sum() / c
+    def weights(self, losses: torch.Tensor) -> torch.Tensor:
+        z = F.softmax(self.logits, dim=0).to(losses)
+        positive = losses.clamp_min(self.eps)
+        self.previous_losses.copy_(positive)
+        return z / ((z / positive).sum() * positive)
 
     def after_step(self, losses: Losses) -> None:
         after = self.stack(losses).detach().to(self.logits).clamp_min(self.eps)

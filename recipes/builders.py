@@ -444,10 +444,11 @@ class PolyDecay:
 
 
 def build_optimizer(
-    network: Network, config: RecipeConfig
+    network: Network, config: RecipeConfig, extra: Sequence[nn.Parameter] = ()
 ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
     """SGD with the official parameter groups (:func:`nddrify.param_groups`) and the per-step
-    poly schedule (``LambdaLR``: the groups' multipliers survive).
+    poly schedule (``LambdaLR``: the groups' multipliers survive). ``extra``: parameters
+    trained beside the network (learned loss weights), at the base lr without weight decay.
 
     Example:
         >>> from recipes.configs import get_config, apply_overrides
@@ -473,6 +474,8 @@ def build_optimizer(
             weight_decay=config.weight_decay,
             lr_mult=config.shortcut_lr_mult,
         )
+    if extra:
+        groups = [*groups, {"name": "loss_weighting", "params": list(extra), "weight_decay": 0.0}]
     optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, PolyDecay(config.steps, config.poly_power)

@@ -179,9 +179,52 @@ def check_config(config: RecipeConfig) -> None:
         f"tf_same_pooling='on' applies to the recipes models ({', '.join(builtin)}), not to "
         f"model={config.model!r}; remove the override.",
     )
+    _check_balancing(config)
     _require(bool(config.points), "points is empty; use auto or module names.")
     if "auto" in config.points:
         _require(len(config.points) == 1, f"points={config.points}: 'auto' stands alone.")
+
+
+def _check_balancing(config: RecipeConfig) -> None:
+    from nddrify.aggregation import AGGREGATORS
+    from nddrify.weighting import WEIGHTINGS
+
+    _require(
+        config.weighting in WEIGHTINGS,
+        f"weighting={config.weighting!r} is unknown; choose one of {', '.join(sorted(WEIGHTINGS))}.",
+    )
+    _require(
+        config.aggregator == "none" or config.aggregator in AGGREGATORS,
+        f"aggregator={config.aggregator!r} is unknown; choose none or one of "
+        f"{', '.join(sorted(AGGREGATORS))}.",
+    )
+    _require(
+        not (config.weighting == "equal" and config.weighting_options),
+        "weighting=equal takes no options; remove weighting_options.",
+    )
+    _require(
+        config.aggregator == "none" or config.weighting == "fixed",
+        f"aggregator={config.aggregator!r} combines the per-task gradients itself: use it with "
+        f"weighting=fixed (loss_weights scale each task's loss), not weighting={config.weighting!r}.",
+    )
+    _require(
+        config.aggregator == "none" or config.amp != "fp16",
+        "aggregator needs amp=none or amp=bf16 (fp16's loss scaling does not reach TorchJD's "
+        "Jacobian); set amp=bf16.",
+    )
+    _require(
+        (config.weighting == "fixed" and config.aggregator == "none") or len(config.tasks) >= 2,
+        f"weighting={config.weighting!r} / aggregator={config.aggregator!r} balance two or more "
+        f"tasks; this run trains {list(config.tasks)}.",
+    )
+    _require(
+        config.aggregator != "none" or not config.aggregator_options,
+        "aggregator_options without an aggregator; set aggregator=NAME or remove them.",
+    )
+    _require(
+        config.weighting != "fixed" or not config.weighting_options,
+        "weighting=fixed takes its weights from loss_weights; remove weighting_options.",
+    )
 
 
 def _model_names() -> list[str]:

@@ -95,6 +95,14 @@ FIELD_HELP: dict[str, str] = {
     "heads": "your own models' classifier modules (comma-separated names) that get "
     "head_weight_lr_mult / head_bias_lr_mult",
     "loss_weights": "per-task loss weights: TASK=WEIGHT,...",
+    "weighting": "how the task losses are weighted: fixed (loss_weights), equal, uncertainty, "
+    "dwa, rlw, gradnorm, famo (nddrify.weighting; not fixed: loss_weights are not applied)",
+    "weighting_options": "options of the weighting: KEY=VALUE,... (dwa temperature; rlw seed; "
+    "gradnorm alpha, lr; famo lr, gamma)",
+    "aggregator": "none, or a gradient aggregator for the shared parameters: upgrad, mgda, "
+    "pcgrad, cagrad, nashmtl, imtlg, alignedmtl, graddrop, ... (TorchJD; pip install "
+    "'nddrify[mtl]'; one process, with weighting=fixed)",
+    "aggregator_options": "options of the aggregator: KEY=VALUE,... (e.g. cagrad c=0.5)",
     "losses": "loss per task of your own dataset: TASK=ce|l1|l2|mse|cosine|bce (with literal "
     "arguments, e.g. ce(ignore_index=-1)) or module:callable,...",
     "loss_at": "compute dense losses at the output resolution (labels resized) or the input's",

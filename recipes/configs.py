@@ -157,6 +157,11 @@ class RecipeConfig:
     loss_weights: dict[str, float] = field(default_factory=lambda: dict(_DEFAULT_LOSS_WEIGHTS))
     losses: dict[str, str] = field(default_factory=dict)  # task → ce | l1 | ... | module:callable
     loss_at: str = "output"
+    # balancing the tasks (nddrify.weighting / nddrify.aggregation): "fixed" = loss_weights
+    weighting: str = "fixed"
+    weighting_options: dict[str, float] = field(default_factory=dict)
+    aggregator: str = "none"  # a TorchJD aggregator on the shared parameters (pip: nddrify[mtl])
+    aggregator_options: dict[str, float] = field(default_factory=dict)
     freeze_bn: bool = False  # task networks' BatchNorm in eval mode (fusion norms still train)
     sync_bn: bool = False  # synchronise BatchNorm statistics across DDP processes
     # runtime

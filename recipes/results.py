@@ -102,6 +102,13 @@ def write_results(run_dir: Path, config: RecipeConfig, metrics: Mapping[str, Any
     label = config.label or config.name
     table = format_results({label: dict(metrics)})
     title = f"# {config.name}\n\n{config.paper}\n\n" if config.paper else f"# {config.name}\n\n"
+    if config.weighting != "fixed" or config.aggregator != "none":
+        options = {**config.weighting_options, **config.aggregator_options}
+        detail = f" ({', '.join(f'{k}={v:g}' for k, v in options.items())})" if options else ""
+        title += (
+            f"Tasks balanced by weighting={config.weighting}, "
+            f"aggregator={config.aggregator}{detail}.\n\n"
+        )
     path = Path(run_dir) / "results.md"
     path.write_text(title + table + "\n")
     (Path(run_dir) / "results.json").write_text(json.dumps(dict(metrics), indent=2) + "\n")

@@ -112,9 +112,10 @@ def save_checkpoint(
     sampler: Any,
     config: RecipeConfig,
     context: DistContext,
+    balancing: dict[str, Any] | None = None,
 ) -> None:
     """Write ``checkpoint.pt`` at ``step`` (rank 0, atomically; every process takes part: the
-    RNG states are gathered)."""
+    RNG states are gathered). ``balancing``: the loss weighting's state (``recipes.balancing``)."""
     from .builders import CHECKPOINT_FORMAT
 
     rng = gather_objects(rng_state(context.device), context)
@@ -131,6 +132,7 @@ def save_checkpoint(
                 "rng": rng,
                 "sampler": {**sampler.state_dict(), "next_step": step},
                 "world_size": context.world_size,
+                "balancing": dict(balancing or {}),
             },
             path,
         )

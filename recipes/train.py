@@ -49,8 +49,9 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,6 @@ from nddrify.checkpoint import atomic_save
 from nddrify.errors import NddrifyError
 
 from .builders import (
-    DENSE_TASKS,
     Network,
     build_network,
     build_optimizer,
@@ -94,6 +94,7 @@ from .runstate import (
     truncate_jsonl,
 )
 from .scoring import evaluate_network
+from .step_losses import autocast_for, recomputed_losses, valid_counts
 from .train_cli import build_parser, list_configs, parse_config
 
 __all__ = [
@@ -125,56 +126,7 @@ class TrainResult:
     network: nn.Module | None = None
 
 
-# ----------------------------------------------------------------------------- losses
-
-
-def valid_counts(
-    outputs: Mapping[str, torch.Tensor],
-    batch: Mapping[str, torch.Tensor],
-    at: str,
-    losses: Mapping[str, str] | None = None,
-) -> dict[str, float]:
-    """How many pixels (dense tasks) or images each task's mean loss averages over, counted as
-    :mod:`recipes.losses` does: labels nearest-resized to the prediction when ``at="output"``.
-    With ``losses`` (your own tasks' losses): :func:`recipes.custom_losses.loss_counts`.
-
-    Example:
-        >>> import torch
-        >>> outputs = {"seg": torch.zeros(1, 3, 1, 2), "age": torch.zeros(2, 100)}
-        >>> batch = {"seg": torch.tensor([[[0, 255], [255, 1]]]), "age": torch.tensor([1, 2])}
-        >>> valid_counts(outputs, batch, "output")  # seg at 1×2: rows 0 → [0, 255]
-        {'seg': 1.0, 'age': 2.0}
-    """
-    from .losses import resize_labels
-
-    if losses:
-        from .custom_losses import loss_counts
-
-        return loss_counts(outputs, batch, at, losses)
-    counts = {}
-    for task, prediction in outputs.items():
-        if task in DENSE_TASKS:
-            key = "seg" if task == "seg" else "normal_mask"
-            labels = batch[key]
-            if at == "output":
-                labels = resize_labels(labels, tuple(prediction.shape[-2:]))
-            valid = labels != 255 if task == "seg" else labels.bool()
-            counts[task] = float(valid.sum())
-        else:
-            counts[task] = float(prediction.shape[0])
-    return counts
-
-
 # ----------------------------------------------------------------------------- training
-
-
-def _autocast(config: RecipeConfig, device: torch.device) -> Any:
-    if config.amp == "none":
-        return nullcontext()
-    if config.amp == "fp16" and device.type != "cuda":
-        raise ConfigError("amp='fp16' needs a CUDA device (GradScaler); use amp='bf16' on CPU.")
-    dtype = torch.bfloat16 if config.amp == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def _final_weights(network: nn.Module, config: RecipeConfig) -> dict[str, torch.Tensor]:
@@ -261,7 +213,10 @@ def _train(
     net.to(device)
     if config.channels_last:
         net.to(memory_format=torch.channels_last)
-    optimizer, scheduler = build_optimizer(network, config)
+    from .balancing import Balancer, steps_per_epoch
+
+    balancer = Balancer(config, net, network.tasks, context, epoch_steps=1)
+    optimizer, scheduler = build_optimizer(network, config, extra=balancer.parameters())
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
 
     start_step = 0
@@ -273,6 +228,7 @@ def _train(
         scheduler.load_state_dict(payload["scheduler"])
         if payload.get("scaler"):
             scaler.load_state_dict(payload["scaler"])
+        balancer.load_state_dict(payload.get("balancing"))
         start_step = int(payload["step"])
         rng_states = payload["rng"]
         changed = changed_fields(payload.get("config", {}), config)
@@ -289,6 +245,9 @@ def _train(
         rank=context.rank,
         world_size=context.world_size,
     )
+    balancer.epoch_steps = steps_per_epoch(sampler.num_samples, config.batch_size)
+    if config.weighting != "fixed" or config.aggregator != "none":
+        log(balancer.describe())
     if context.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
@@ -315,7 +274,7 @@ def _train(
             )
         seed_process(config.seed + start_step, context.rank)
 
-    autocast = _autocast(config, device)
+    autocast = autocast_for(config, device)
     set_train_mode(net, config.freeze_bn)
     records: list[dict[str, Any]] = []
     metrics: dict[str, dict[str, float]] | None = None
@@ -334,8 +293,9 @@ def _train(
     def save(at: int) -> int:
         """Write the checkpoint of step ``at`` (every process takes part); returns ``at``."""
         save_checkpoint(
-            checkpoint_path, net, optimizer, scheduler, scaler, at, sampler, config, context
-        )
+            checkpoint_path, net, optimizer, scheduler, scaler, at, sampler, config, context,
+            balancing=balancer.state_dict(),
+        )  # fmt: skip
         return at
 
     saved_step = start_step if resume else -1  # the step of the checkpoint on disk
@@ -347,6 +307,7 @@ def _train(
             images = batch["image"]
             if config.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
+            balancer.prepare(images)
             with autocast:
                 outputs = model(images)
             outputs = {t: outputs[t].float() for t in tasks}
@@ -369,17 +330,18 @@ def _train(
                 per_task_scaled = {t: per_task[t] * scale[t] for t in tasks}
             else:
                 per_task_scaled = per_task
-            total = torch.stack(
-                [float(config.loss_weights.get(t, 1.0)) * per_task_scaled[t] for t in tasks]
-            ).sum()
+            observed = balancer.global_means(per_task, counts) if balancer.needs_observed else None
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
+            balancer.backward(per_task_scaled, observed, scaler, images)
             scaler.step(optimizer)
             scaler.update()
             lr_used = optimizer.param_groups[_base_group(optimizer)]["lr"]
             scheduler.step()
             step += 1
             window_steps += 1
+            balancer.after_step(
+                step, partial(recomputed_losses, net, images, batch, config, context)
+            )
             if step % config.log_every == 0 or step == end_step or step == start_step + 1:
                 values = {f"loss/{t}": float(per_task[t].detach()) for t in tasks}
                 if context.world_size > 1:
@@ -404,6 +366,9 @@ def _train(
                         f"the loss is {total_value} at step {step}: lower lr or loss weights."
                     )
                 elapsed = time.perf_counter() - window_start
+                if balancer.weighting is not None:
+                    weights = balancer.weighting.last_weights.tolist()
+                    values.update({f"weight/{t}": w for t, w in zip(tasks, weights)})
                 record = {
                     "kind": "train",
                     "step": step,

@@ -276,3 +276,14 @@ def test_gpu_suite_runs_its_cpu_preset(tmp_path: Path) -> None:
             } <= variants
     assert payload["skipped"] == []
     assert "# GPU suite: fused vs sequential on" in (tmp_path / "gpu_suite_cpu.md").read_text()
+
+
+def test_mtl_step_cost_ci(tmp_path: Path) -> None:
+    pytest.importorskip("torchjd")
+    cost = _load("mtl_step_cost")
+    assert cost.main(["--preset", "ci", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "mtl_step_cost.json").read_text())
+    rows = {r["method"]: r for r in payload["rows"]}
+    assert set(rows) == {"fixed", "upgrad"} and rows["fixed"]["time_ratio"] == 1.0
+    assert rows["upgrad"]["kind"] == "aggregator" and rows["upgrad"]["step_ms"] > 0
+    assert "| upgrad | aggregator |" in (tmp_path / "mtl_step_cost.md").read_text()

@@ -92,8 +92,9 @@ def test_famo_weights_and_update_by_hand() -> None:
     famo = FAMO(TASKS, lr=0.1, gamma=0.0)
     a = torch.tensor(2.0, requires_grad=True)
     total = famo({"seg": a, "normal": torch.tensor(4.0)})
-    # z = (½, ½), c = ½/2 + ½/4 = 3/8; total = (½ log 2 + ½ log 4) / c
-    assert total.item() == pytest.approx((0.5 * math.log(2) + 0.5 * math.log(4)) / 0.375)
+    # z = (½, ½), c = ½/2 + ½/4 = 3/8; w_i = z_i / (c·L_i) = (2/3, 1/3); total = Σ w_i L_i
+    assert famo.last_weights.tolist() == pytest.approx([2 / 3, 1 / 3])
+    assert total.item() == pytest.approx(2 / 3 * 2 + 1 / 3 * 4)
     total.backward()
     assert a.grad.item() == pytest.approx(0.5 / 2 / 0.375)  # z_i / (c·L_i)
     famo.after_step(losses(1.0, 4.0))  # seg's log-loss fell by log 2, normal's not at all
@@ -129,6 +130,19 @@ def test_state_survives_a_checkpoint_bit_exactly(name: str, tmp_path) -> None:
     resumed = make()
     resumed.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
     assert [t.item() for t in run(resumed, range(3, 6))] == [t.item() for t in expected[3:]]
+
+
+def test_observed_losses_drive_the_weights() -> None:
+    # data-parallel: the weights follow the global losses, the total this process's share
+    famo, dwa = FAMO(TASKS), DynamicWeightAverage(TASKS)
+    local = {"seg": torch.tensor(1.0, requires_grad=True), "normal": torch.tensor(3.0)}
+    total = famo(local, observed=losses(2.0, 4.0))
+    assert famo.last_weights.tolist() == pytest.approx([2 / 3, 1 / 3])
+    assert total.item() == pytest.approx(2 / 3 * 1.0 + 1 / 3 * 3.0)
+    dwa(local, observed=losses(2.0, 4.0))
+    assert dwa.running_sum.tolist() == [2.0, 4.0]
+    with pytest.raises(FusionConfigError, match="does not support data-parallel"):
+        GradNorm(TASKS, [torch.ones(1, requires_grad=True)])(local, observed=local)
 
 
 def test_bad_names_and_options_are_refused() -> None:
