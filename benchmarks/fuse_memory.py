@@ -18,13 +18,11 @@ Writes ``fuse_memory.json`` and ``fuse_memory.md`` in ``--out`` (default ``bench
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterable
 from datetime import date
@@ -33,7 +31,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reporting import command_line, write_reports
+from reporting import preset_main
+from rss import PeakRSS
 
 __all__ = ["PRESETS", "measure_fuse", "measure_inspect", "run", "markdown", "main"]
 
@@ -41,13 +40,6 @@ PRESETS = {
     "cpu": {"fuse_model": "vgg16", "inspect_spec": "timm:vit_large_patch16_224", "tasks": 2},
     "ci": {"fuse_model": "resnet18", "inspect_spec": "timm:vit_tiny_patch16_224", "tasks": 2},
 }
-
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
 
 
 def _fuse_child(model: str, tasks: int, copy: bool) -> dict[str, Any]:
@@ -65,24 +57,10 @@ def _fuse_child(model: str, tasks: int, copy: bool) -> dict[str, Any]:
         t.numel() * t.element_size() for m in models for t in (*m.parameters(), *m.buffers())
     )
     gc.collect()
-    before = _rss()
-    peak = before
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, _rss())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     start = time.perf_counter()
-    fused = nddrify.fuse(models, copy=copy)
+    with PeakRSS() as peak:
+        fused = nddrify.fuse(models, copy=copy)
     seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    peak = max(peak, _rss())
     fusion = sum(
         p.numel() * p.element_size()
         for name, p in fused.named_parameters()
@@ -94,9 +72,9 @@ def _fuse_child(model: str, tasks: int, copy: bool) -> dict[str, Any]:
         "copy": copy,
         "weights_bytes": weights,
         "fusion_layer_bytes": fusion,
-        "rss_before_bytes": before,
-        "peak_added_bytes": peak - before,
-        "peak_added_over_weights": (peak - before) / weights,
+        "rss_before_bytes": peak.before,
+        "peak_added_bytes": peak.added,
+        "peak_added_over_weights": peak.added / weights,
         "seconds": seconds,
     }
 
@@ -204,15 +182,7 @@ def markdown(payload: dict[str, Any], command: str) -> str:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    payload = run(PRESETS[args.preset])
-    payload["command"] = command = command_line("fuse_memory", args.preset, default="cpu")
-    write_reports(args.out, "fuse_memory", payload, markdown(payload, command))
-    print(markdown(payload, command))
-    return 0
+    return preset_main("fuse_memory", __doc__.split("\n\n")[0], PRESETS, run, markdown, argv)
 
 
 if __name__ == "__main__":

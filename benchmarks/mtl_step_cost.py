@@ -10,8 +10,9 @@ paper, then ``after_step``).
 
 * **time**: every method's step timed interleaved with the others (one step each per round,
   the order rotating), median over ``--rounds`` rounds; ratio = method / fixed weights;
-* **memory**: in a fresh process per method, the peak resident memory added by 3 steps
-  after 2 warm-up steps (RSS sampled every millisecond), and its ratio to fixed weights.
+* **memory**: in a fresh process per method, the peak resident memory added by its first 3
+  steps above the built model (RSS sampled every millisecond: activations, gradients,
+  optimiser state, Jacobians), and the difference from fixed weights.
 
     python benchmarks/mtl_step_cost.py               # committed results (~3 min)
     python benchmarks/mtl_step_cost.py --preset ci   # two methods, one round (tests)
@@ -19,13 +20,11 @@ paper, then ``after_step``).
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import date
@@ -38,7 +37,8 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reporting import command_line, write_reports
+from reporting import preset_main
+from rss import PeakRSS
 
 import nddrify
 from nddrify.aggregation import aggregate_backward, make_aggregator, shared_parameters
@@ -100,30 +100,15 @@ def build_step(method: str, batch: int, size: int) -> Callable[[], None]:
     return weighted_step
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _memory_child(method: str, batch: int, size: int) -> int:
+    import gc
+
     step = build_step(method, batch, size)
-    for _ in range(2):
-        step()
-    before, peak, done = _rss(), 0, threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, _rss())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    for _ in range(3):
-        step()
-    done.set()
-    sampler.join()
-    return max(peak, _rss()) - before
+    gc.collect()
+    with PeakRSS() as peak:  # from the built model: activations, gradients, Jacobians, state
+        for _ in range(3):
+            step()
+    return peak.added
 
 
 def _memory(method: str, batch: int, size: int) -> int:
@@ -163,7 +148,7 @@ def run(preset: dict[str, Any], log: Callable[[str], None] = print) -> dict[str,
                 "step_ms": 1000 * median,
                 "time_ratio": median / base,
                 "peak_added_bytes": memory,
-                "memory_ratio": memory / base_memory if base_memory else float("nan"),
+                "memory_above_fixed_bytes": memory - base_memory,
             }
         )
         log(f"{method}: {1000 * median:.1f} ms ({median / base:.2f}×), +{memory / 2**20:.0f} MiB")
@@ -188,30 +173,23 @@ def markdown(payload: dict[str, Any], command: str) -> str:
         f"2 × ResNet-18 fused with NDDR, batch {p['batch']}, {p['size']}², SGD, one thread; "
         f"{env['cpu_cores']} cores, torch {env['torch']}, Python {env['python']}, {env['date']}. "
         f"Command: `{command}`. Time: median of {p['rounds']} interleaved rounds; memory: peak "
-        "RSS added by 3 steps after 2 warm-up steps, in a fresh process per method. Ratios to "
-        f"`{payload['rows'][0]['method']}`.",
+        "RSS added by the first 3 steps above the built model, in a fresh process per method. "
+        f"Ratios and differences against `{payload['rows'][0]['method']}`.",
         "",
-        "| method | kind | step ms | time × | peak added MiB | memory × |",
+        "| method | kind | step ms | time × | peak added MiB | MiB above fixed |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for row in payload["rows"]:
         lines.append(
             f"| {row['method']} | {row['kind']} | {row['step_ms']:.1f} | {row['time_ratio']:.2f} | "
-            f"{row['peak_added_bytes'] / 2**20:.0f} | {row['memory_ratio']:.2f} |"
+            f"{row['peak_added_bytes'] / 2**20:.0f} | "
+            f"{row['memory_above_fixed_bytes'] / 2**20:+.0f} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    payload = run(PRESETS[args.preset])
-    payload["command"] = command = command_line("mtl_step_cost", args.preset, default="cpu")
-    write_reports(args.out, "mtl_step_cost", payload, markdown(payload, command))
-    print(markdown(payload, command))
-    return 0
+    return preset_main("mtl_step_cost", __doc__.split("\n\n")[0], PRESETS, run, markdown, argv)
 
 
 if __name__ == "__main__":

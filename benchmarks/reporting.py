@@ -12,11 +12,13 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import json
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["command_line", "write_reports"]
+__all__ = ["command_line", "write_reports", "preset_main"]
 
 
 def command_line(script: str, preset: str, *, default: str) -> str:
@@ -33,3 +35,26 @@ def write_reports(out_dir: str | Path, stem: str, payload: dict[str, Any], text:
     paths[0].write_text(json.dumps(payload, indent=2) + "\n")
     paths[1].write_text(text)
     return paths
+
+
+def preset_main(
+    script: str,
+    description: str,
+    presets: Mapping[str, Any],
+    run: Callable[[Any], dict[str, Any]],
+    markdown: Callable[[dict[str, Any], str], str],
+    argv: Iterable[str] | None = None,
+    default: str = "cpu",
+) -> int:
+    """The ``main`` of a benchmark with presets: ``--preset``, ``--out``; run, write
+    ``<script>.json`` and ``<script>.md``, print the Markdown."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", choices=sorted(presets), default=default)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    payload = run(presets[args.preset])
+    payload["command"] = command = command_line(script, args.preset, default=default)
+    text = markdown(payload, command)
+    write_reports(args.out, script, payload, text)
+    print(text)
+    return 0

@@ -287,3 +287,4 @@ def test_mtl_step_cost_ci(tmp_path: Path) -> None:
     assert set(rows) == {"fixed", "upgrad"} and rows["fixed"]["time_ratio"] == 1.0
     assert rows["upgrad"]["kind"] == "aggregator" and rows["upgrad"]["step_ms"] > 0
     assert "| upgrad | aggregator |" in (tmp_path / "mtl_step_cost.md").read_text()
+    assert rows["fixed"]["memory_above_fixed_bytes"] == 0

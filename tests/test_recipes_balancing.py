@@ -5,10 +5,6 @@ the refused combinations."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,29 +15,12 @@ from recipes.errors import ConfigError
 from recipes.train import main as train_main
 from recipes.train import train
 
+from .recipes_settings import DDP_EQUALITY_ARGS, TINY_RUN, run_two_processes
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "model=demo_cnn",
-    "crop=32",
-    "synthetic_size=32,32",
-    "synthetic_images=6",
-    "synthetic_test_images=2",
-    "batch_size=2",
-    "eval_batch_size=2",
-    "num_workers=0",
-    "progress=false",
-    "log_every=1",
-    "init_from={}",
-    "pretrained=",
-]
+TINY = TINY_RUN
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _records(run: Path) -> list[dict]:
@@ -131,34 +110,11 @@ def test_ddp_with_a_weighting_matches_one_process(weighting: str, tmp_path: Path
     """As ``test_recipes_train.test_ddp_two_processes_match_one_process``, with a weighting
     whose state follows the losses (FAMO: the global means, recomputed after each step) or
     whose weights are learned (uncertainty: their gradients averaged over the processes)."""
-    args = [
-        "synthetic_demo_nddr",
-        "--no-eval",
-        *[f"--set={o}" for o in TINY],
-        "--set=batch_size=4",
-        "--set=steps=3",
-        "--set=lr=0.001",
-        "--set=dropout=0",
-        "--set=sync_bn=true",
-        "--set=rescale_resize=align_corners_false",
-        f"--set=weighting={weighting}",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    args = [*DDP_EQUALITY_ARGS, f"--set=weighting={weighting}"]
     one = tmp_path / "one"
     assert train_main([*args, f"--set=run_dir={one}"]) == 0
     two = tmp_path / "two"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
-        "-m",
-        "recipes.train",
-        *args,
-        f"--set=run_dir={two}",
-    ]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    done = run_two_processes([*args, f"--set=run_dir={two}"], ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     for a, b in zip(_records(one), _records(two)):
         for key in ("loss/seg", "loss/normal", "weight/seg", "weight/normal"):

@@ -4,10 +4,6 @@ DDP, outputs, the evaluation CLI and the demo."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,23 +26,12 @@ from recipes.errors import ConfigError
 from recipes.train import main as train_main
 from recipes.train import parse_config, train
 
+from .recipes_settings import DDP_EQUALITY_ARGS, TINY_RUN, run_two_processes
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Small synthetic runs: 32×32 scenes, the demo CNN, no progress bar.
-TINY = [
-    "model=demo_cnn",
-    "crop=32",
-    "synthetic_size=32,32",
-    "synthetic_images=6",
-    "synthetic_test_images=2",
-    "batch_size=2",
-    "eval_batch_size=2",
-    "num_workers=0",
-    "progress=false",
-    "log_every=1",
-    "init_from={}",
-    "pretrained=",
-]
+TINY = TINY_RUN
 
 # Every row of the paper's tables → the configs that produce it.
 PAPER_ROWS = {
@@ -72,12 +57,6 @@ for table, prefix in (
 
 # tiny models: one thread is as fast, and much faster on a machine shared with others
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _records(run: Path, kind: str = "train") -> list[dict]:
@@ -537,34 +516,11 @@ def test_ddp_two_processes_match_one_process(tmp_path: Path) -> None:
     runs are ill-conditioned, float noise grows ~40× per step (measured: one process on 1 vs 2
     threads already differs by 1.5e-4 in a BatchNorm bias after 3 steps), which would hide
     what this test checks; the DDP logic does not depend on the resize."""
-    args = [
-        "synthetic_demo_nddr",
-        "--no-eval",
-        *[f"--set={o}" for o in TINY],
-        "--set=batch_size=4",
-        "--set=steps=3",
-        "--set=lr=0.001",
-        "--set=dropout=0",
-        "--set=sync_bn=true",
-        "--set=synthetic_images=6",
-        "--set=rescale_resize=align_corners_false",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    args = DDP_EQUALITY_ARGS  # TINY's scenes, batch 4, 3 steps, sync_bn, no dropout
     one = tmp_path / "one"
     assert train_main([*args, f"--set=run_dir={one}"]) == 0
     two = tmp_path / "two"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
-        "-m",
-        "recipes.train",
-        *args,
-        f"--set=run_dir={two}",
-    ]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    done = run_two_processes([*args, f"--set=run_dir={two}"], ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     single, ddp = _records(one), _records(two)
     assert [r["step"] for r in ddp] == [1, 2, 3]
