@@ -39,8 +39,9 @@ from nddrify.errors import NddrifyError
 from nddrify.weighting import FAMO, LossWeighting, make_weighting
 
 from .configs import RecipeConfig
-from .distributed import DistContext, all_reduce_sum
+from .distributed import DistContext
 from .errors import ConfigError
+from .step_losses import global_means
 
 __all__ = ["Balancer", "last_shared_layer", "steps_per_epoch"]
 
@@ -175,16 +176,8 @@ class Balancer:
         self, per_task: Mapping[str, torch.Tensor], counts: Mapping[str, float]
     ) -> dict[str, torch.Tensor]:
         """The per-task means over every process's batch (one all-reduce)."""
-        sums = all_reduce_sum(
-            {
-                **{f"{t}.sum": float(per_task[t].detach()) * counts[t] for t in self.tasks},
-                **{f"{t}.count": counts[t] for t in self.tasks},
-            },
-            self.context,
-        )
-        return {
-            t: torch.tensor(sums[f"{t}.sum"] / max(sums[f"{t}.count"], 1e-12)) for t in self.tasks
-        }
+        means = global_means({t: per_task[t].detach() for t in self.tasks}, counts, self.context)
+        return {t: torch.tensor(value) for t, value in means.items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.weighting.state_dict()) if self.weighting is not None else {}

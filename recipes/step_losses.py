@@ -25,7 +25,7 @@ from .distributed import DistContext, all_reduce_sum
 from .errors import ConfigError
 from .losses import multitask_loss
 
-__all__ = ["valid_counts", "autocast_for", "recomputed_losses"]
+__all__ = ["valid_counts", "global_means", "autocast_for", "recomputed_losses"]
 
 
 def valid_counts(
@@ -65,6 +65,32 @@ def valid_counts(
     return counts
 
 
+def global_means(
+    per_task: Mapping[str, torch.Tensor | float],
+    counts: Mapping[str, float],
+    context: DistContext,
+) -> dict[str, float]:
+    """Each task's mean loss over every process's batch, from this process's mean and count
+    (one all-reduce; 0.0 for a task with no valid value anywhere).
+
+    Example:
+        >>> from recipes.distributed import DistContext
+        >>> import torch
+        >>> global_means({"seg": torch.tensor(2.0)}, {"seg": 4.0}, DistContext())
+        {'seg': 2.0}
+    """
+    sums = all_reduce_sum(
+        {
+            **{f"{t}.sum": float(value) * counts[t] for t, value in per_task.items()},
+            **{f"{t}.count": counts[t] for t in per_task},
+        },
+        context,
+    )
+    return {
+        t: sums[f"{t}.sum"] / sums[f"{t}.count"] if sums[f"{t}.count"] else 0.0 for t in per_task
+    }
+
+
 def autocast_for(config: RecipeConfig, device: torch.device) -> Any:
     """The autocast context of ``config.amp`` (``none``: none; ``fp16`` needs CUDA)."""
     if config.amp == "none":
@@ -98,9 +124,5 @@ def recomputed_losses(
     if context.world_size == 1:
         return per_task
     counts = valid_counts(outputs, batch, config.loss_at, config.losses)
-    sums = all_reduce_sum(
-        {**{f"{t}.s": float(v) * counts[t] for t, v in per_task.items()},
-         **{f"{t}.n": counts[t] for t in per_task}},
-        context,
-    )  # fmt: skip
-    return {t: torch.tensor(sums[f"{t}.s"] / max(sums[f"{t}.n"], 1e-12)) for t in per_task}
+    means = global_means(per_task, counts, context)
+    return {t: torch.tensor(value) for t, value in means.items()}

@@ -94,7 +94,7 @@ from .runstate import (
     truncate_jsonl,
 )
 from .scoring import evaluate_network
-from .step_losses import autocast_for, recomputed_losses, valid_counts
+from .step_losses import autocast_for, global_means, recomputed_losses, valid_counts
 from .train_cli import build_parser, list_configs, parse_config
 
 __all__ = [
@@ -345,19 +345,8 @@ def _train(
             if step % config.log_every == 0 or step == end_step or step == start_step + 1:
                 values = {f"loss/{t}": float(per_task[t].detach()) for t in tasks}
                 if context.world_size > 1:
-                    sums = all_reduce_sum(
-                        {
-                            **{f"{t}.sum": values[f"loss/{t}"] * counts[t] for t in tasks},
-                            **{f"{t}.count": counts[t] for t in tasks},
-                        },
-                        context,
-                    )
-                    values = {
-                        f"loss/{t}": sums[f"{t}.sum"] / sums[f"{t}.count"]
-                        if sums[f"{t}.count"]
-                        else 0.0
-                        for t in tasks
-                    }
+                    means = global_means(per_task, counts, context)
+                    values = {f"loss/{t}": means[t] for t in tasks}
                 total_value = sum(
                     float(config.loss_weights.get(t, 1.0)) * values[f"loss/{t}"] for t in tasks
                 )
